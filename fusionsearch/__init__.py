@@ -1,0 +1,71 @@
+"""fusionsearch: searchable multi-scale logit mixing for medical image segmentation.
+
+The public API is imported lazily, so that ``import fusionsearch`` and the CLI start fast and
+only the parts in use pay for torch, Ray or MONAI.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # errors and registries
+    "FusionSearchError": "fusionsearch.errors",
+    "ConfigError": "fusionsearch.errors",
+    "DataError": "fusionsearch.errors",
+    "UnknownNameError": "fusionsearch.errors",
+    "Registry": "fusionsearch.registry",
+    "register_operator": "fusionsearch.registry",
+    "register_weighting": "fusionsearch.registry",
+    "register_model": "fusionsearch.registry",
+    "register_dataset": "fusionsearch.registry",
+    "list_operators": "fusionsearch.registry",
+    "OPERATORS": "fusionsearch.registry",
+    "WEIGHTINGS": "fusionsearch.registry",
+    "MODELS": "fusionsearch.registry",
+    "DATASETS": "fusionsearch.registry",
+    # core: spaces, compiler, criterion
+    "SearchSpace": "fusionsearch.spec",
+    "load_space": "fusionsearch.spec",
+    "compile_space": "fusionsearch.compile",
+    "Graph": "fusionsearch.compile",
+    "Mixer": "fusionsearch.mixer",
+    "Criterion": "fusionsearch.criterion",
+    "CriterionOutput": "fusionsearch.criterion",
+    "build_criterion": "fusionsearch.criterion",
+    # models and data
+    "build_model": "fusionsearch.models",
+    "build_dataset": "fusionsearch.data",
+    # runner, evaluation, sweeps
+    "Recipe": "fusionsearch.recipe",
+    "load_recipe": "fusionsearch.recipe",
+    "run": "fusionsearch.runner",
+    "RunResult": "fusionsearch.runner",
+    "evaluate": "fusionsearch.evaluate",
+    "sweep": "fusionsearch.sweep",
+    "SweepResult": "fusionsearch.sweep",
+}
+
+_SUBMODULES = {"metrics", "models", "data", "registry", "errors", "operators", "weighting", "loss"}
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"fusionsearch.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'fusionsearch' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return __all__
