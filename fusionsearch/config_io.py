@@ -110,7 +110,8 @@ def validation_error(exc: Exception, *, source: str) -> ConfigError:
         else:
             got = item.get("input")
             got_text = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-            msg = f"'{loc}': {item.get('msg', 'invalid value')}{got_text}"
+            text = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
+            msg = f"'{loc}': {text}{got_text}" if loc else f"{text}{got_text}"
         messages.append(msg)
     more = f" (and {len(items) - 3} more problems)" if len(items) > 3 else ""
     err = ConfigError("; ".join(messages) + more, file=source, field=first_field)
