@@ -37,6 +37,8 @@ def parse_yaml_text(text: str, *, source: str) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if isinstance(exc, yaml.constructor.ConstructorError):
+            problem += " (fusionsearch reads YAML safely and refuses Python object tags)"
         raise ConfigError(
             f"malformed YAML{where}: {problem}",
             file=source,
