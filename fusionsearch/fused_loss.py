@@ -1,0 +1,101 @@
+"""One-pass ``beta*CE + gamma*Dice`` for K terms with an analytic backward.
+
+Plain autograd keeps several full-size ``[K,B,C,N]`` intermediates alive for the backward pass
+(log-softmax, softmax, squares, products). This ``torch.autograd.Function`` keeps exactly one,
+the softmax ``p``, and computes the gradient in closed form:
+
+- Cross entropy (mean over the B*N pixels): ``dCE/dz = (p - onehot) / (B*N)``.
+- Dice: with ``num_c = 2*I_c + eps`` and ``den_c = P_c + T_c + eps`` (``I`` = sum of p*t, ``P`` = sum of
+  p^2 for the reference flavour or of p for the MONAI flavour, ``T`` = sum of t),
+  ``dD/dp = -(w) * (2*t/den - num * dP/dp / den^2)`` with ``w = 1/C`` (reference, one bin per class)
+  or ``1/(B*C)`` (MONAI, one bin per sample and class), then the softmax Jacobian-vector product
+  ``dz = p * (g - sum_c p*g)``.
+
+The one-hot target is never built: its contributions enter through a gather of ``p`` at the target
+class and a scatter-add into the gradient. The backward uses the softmax buffer plus the gradient
+buffer, the smallest possible working set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from fusionsearch.loss import SMOOTH, class_index, flat_views, target_counts
+
+
+class FusedTermLoss(torch.autograd.Function):
+    """``(logits [K,B,C,*S], target [B,*S], beta, gamma, dice_kind) -> Tensor[K]``."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor, beta: float, gamma: float, dice_kind: str) -> Tensor:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            z, t = flat_views(logits, target)
+            k, b, c, n = z.shape
+            per_sample = dice_kind == "monai"
+            gather_index = t.view(1, b, 1, n).expand(k, b, 1, n)
+
+            peak = z.amax(dim=2, keepdim=True)
+            p = (z - peak).exp_()
+            normaliser = p.sum(dim=2, keepdim=True)
+            p.div_(normaliser)
+            log_normaliser = normaliser.log_().add_(peak)  # logsumexp of z over classes, [K,B,1,N]
+            ce = (log_normaliser - z.gather(2, gather_index)).mean(dim=(1, 2, 3))
+
+            index = class_index(t, c, per_sample)
+            bins = b * c if per_sample else c
+            p_target = p.gather(2, gather_index).reshape(k, b * n)
+            intersect = torch.zeros(k, bins, dtype=z.dtype, device=z.device).index_add_(1, index, p_target)
+            if per_sample:
+                pred = p.sum(dim=3).reshape(k, bins)
+            else:
+                pred = torch.linalg.vector_norm(p, dim=(1, 3)).square()
+            numerator = 2 * intersect + SMOOTH
+            denominator = pred + target_counts(index, bins, z.dtype) + SMOOTH
+            dice = 1 - (numerator / denominator).mean(dim=1)
+
+        ctx.save_for_backward(p, t, numerator, denominator)
+        ctx.beta, ctx.gamma, ctx.per_sample = beta, gamma, per_sample
+        ctx.logits_shape = logits.shape
+        return beta * ce + gamma * dice
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        p, t, numerator, denominator = ctx.saved_tensors
+        with torch.autocast(device_type=p.device.type, enabled=False):
+            k, b, c, n = p.shape
+            per_sample = ctx.per_sample
+            g = grad_out.to(p.dtype).view(k, 1)
+            gather_index = t.view(1, b, 1, n).expand(k, b, 1, n)
+            index = class_index(t, c, per_sample)
+
+            ce_scale = (ctx.beta / (b * n)) * g.view(k, 1, 1, 1)
+            bin_weight = ctx.gamma / (b * c if per_sample else c)
+            # dD/dp = dense_coef * dP/dp + onehot * target_coef   (per Dice bin, already times grad_out)
+            dense_coef = g * bin_weight * numerator / denominator.square()
+            target_coef = -2 * bin_weight * g / denominator
+            p_target = p.gather(2, gather_index)
+            p_target_coef = p_target * target_coef.index_select(1, index).view(k, b, 1, n)
+
+            if per_sample:  # dP/dp = 1: g_p = dense_coef[b, c] + onehot * target_coef
+                dense = dense_coef.view(k, b, c)
+                dot = torch.matmul(dense.unsqueeze(2), p) + p_target_coef  # sum_c p * g_p, [K,B,1,N]
+                grad = p * (dense.unsqueeze(3) + ce_scale)
+                grad.addcmul_(p, dot, value=-1)
+            else:  # dP/dp = 2p: g_p = 2 * dense_coef[c] * p + onehot * target_coef
+                dense = 2 * dense_coef
+                grad = p.square()
+                dot = torch.matmul(dense.view(k, 1, 1, c), grad) + p_target_coef
+                grad.mul_(dense.view(k, 1, c, 1))
+                grad.addcmul_(p, ce_scale - dot)
+            grad.scatter_add_(2, gather_index, p_target_coef - ce_scale)
+        return grad.view(ctx.logits_shape), None, None, None, None
+
+
+def fused_term_loss(logits: Tensor, target: Tensor, beta: float, gamma: float, dice_kind: str) -> Tensor:
+    """Per-term ``beta*CE + gamma*Dice`` [K] of ``logits`` [K,B,C,*S] (float32/64) against ``target`` [B,*S]."""
+    return FusedTermLoss.apply(logits, target, float(beta), float(gamma), dice_kind)
