@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 
 from fusionsearch.errors import ConfigError, UnknownNameError
@@ -44,7 +44,6 @@ _FIELDS_OF_KIND: dict[str, set[str]] = {
     "last_only": set(),
     "halving": {"normalise"},
 }
-_OPTIONAL_FIELDS = ("init", "values", "normalise")
 
 
 class WeightingConfig(BaseModel):
@@ -63,49 +62,70 @@ class WeightingConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     """Settings of a third-party weighting (built-in kinds take none)."""
 
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, kind: str) -> str:
+        try:
+            WEIGHTINGS.get(kind)
+        except UnknownNameError as exc:
+            raise ValueError(str(exc)) from None
+        return kind
+
     @field_validator("init")
     @classmethod
-    def _finite_init(cls, value: float | None) -> float | None:
+    def _finite_init(cls, value: float | None, info: ValidationInfo) -> float | None:
+        _check_applies("init", value, info)
         if value is not None and not math.isfinite(value):
             raise ValueError(f"must be a finite number, got {value}")
         return value
 
     @field_validator("values")
     @classmethod
-    def _valid_values(cls, values: list[float] | None) -> list[float] | None:
+    def _valid_values(cls, values: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        _check_applies("values", values, info)
         if values is None:
             return values
         bad = [v for v in values if not math.isfinite(v) or v < 0]
         if bad:
             raise ValueError(f"weights must be finite and >= 0, got {bad}")
-        if values and not any(v > 0 for v in values):
-            raise ValueError("all weights are 0, so nothing would be trained; make at least one positive")
+        if not any(v > 0 for v in values):
+            raise ValueError("no weight is positive, so nothing would be trained; make at least one positive")
         return values
 
-    @model_validator(mode="after")
-    def _fields_fit_kind(self) -> WeightingConfig:
-        try:
-            WEIGHTINGS.get(self.kind)
-        except UnknownNameError as exc:
-            raise ValueError(str(exc)) from None
-        allowed = _FIELDS_OF_KIND.get(self.kind)
-        if allowed is None:  # a third-party kind: it validates its own options
-            return self
-        for name in _OPTIONAL_FIELDS:
-            if getattr(self, name) is not None and name not in allowed:
-                users = sorted(k for k, fields in _FIELDS_OF_KIND.items() if name in fields)
-                raise ValueError(
-                    f"'{name}' does not apply to weighting kind '{self.kind}' (it is used by: {', '.join(users)}); "
-                    f"remove it"
-                )
-        if self.options:
+    @field_validator("normalise")
+    @classmethod
+    def _normalise_applies(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        _check_applies("normalise", value, info)
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _options_for_plugins_only(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        kind = info.data.get("kind")
+        if options and kind in _FIELDS_OF_KIND:
             raise ValueError(
-                f"'options' is for third-party weightings; the built-in kind '{self.kind}' takes none, "
-                f"got {sorted(self.options)}"
+                f"'options' is for third-party weightings; the built-in kind '{kind}' takes none, "
+                f"got {sorted(options)}"
             )
+        return options
+
+    @model_validator(mode="after")
+    def _fixed_has_values(self) -> WeightingConfig:
         if self.kind == "fixed" and self.values is None:
             raise ValueError("weighting kind 'fixed' needs 'values': one weight per term, in term order")
         return self
+
+
+def _check_applies(name: str, value: object, info: ValidationInfo) -> None:
+    """Reject a built-in kind's field that the chosen kind would silently ignore."""
+    kind = info.data.get("kind")  # absent when 'kind' itself failed validation
+    allowed = _FIELDS_OF_KIND.get(kind) if isinstance(kind, str) else None
+    if value is None or allowed is None or name in allowed:
+        return
+    users = sorted(k for k, fields in _FIELDS_OF_KIND.items() if name in fields)
+    raise ValueError(
+        f"'{name}' does not apply to weighting kind '{kind}' (it is used by: {', '.join(users)}); remove it"
+    )
 
 
 class Weighting(nn.Module):
