@@ -1,0 +1,117 @@
+"""The mixer: all K terms of a compiled graph from the L logits, in one vectorised pass.
+
+The logits of the scales the graph uses are stacked once into ``[L', B, C, *S]``. The originals
+are that stack itself (or one ``index_select`` of it when only some scales are supervised); each
+(operator, subset size) group gathers all its subsets with one ``index_select`` into
+``[n_subsets, k, B, C, *S]`` and calls its operator once. The pieces are concatenated in term
+order. There is no Python loop over terms and nothing is read back to the host.
+
+Mixing runs with autocast disabled, in float32 for half-precision inputs (float64 stays float64):
+a ``mul`` of five logits of magnitude 30 is about 2.4e7, far beyond float16's 65504.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fusionsearch.compile import Graph
+from fusionsearch.errors import FusionSearchError
+from fusionsearch.operator_api import build_operator
+
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class Mixer(nn.Module):
+    """``forward(logits: L tensors [B, C, *S], coarsest first, same size) -> Tensor[K, B, C, *S]``.
+
+    Logits of scales that no term uses are ignored (they may have any shape).
+    """
+
+    def __init__(self, graph: Graph) -> None:
+        super().__init__()
+        self.graph = graph
+        self.operators = nn.ModuleDict()
+        for group in graph.groups:
+            key = _module_key(group.operator, group.size)
+            if key in self.operators:
+                raise FusionSearchError(
+                    f"Operator names '{group.operator}' and another one map to the same module name '{key}'; "
+                    f"rename one of them."
+                )
+            self.operators[key] = build_operator(
+                group.operator,
+                group.options,
+                k=group.size,
+                num_classes=graph.num_classes,
+                spatial_dims=graph.spatial_dims,
+                n_subsets=group.n_subsets,
+            )
+        # Positions in the stack of used scales. Index tensors live in (non-persistent) buffers so
+        # that they follow .to(device) without entering checkpoints.
+        self.used_scales = graph.used_scales
+        position = {scale: i for i, scale in enumerate(self.used_scales)}
+        self._originals_are_stack = graph.originals == self.used_scales
+        originals = [position[s] for s in graph.originals]
+        self.register_buffer("original_index", torch.tensor(originals, dtype=torch.long), persistent=False)
+        for i, group in enumerate(graph.groups):
+            index = torch.tensor([[position[s] for s in subset] for subset in group.subsets], dtype=torch.long)
+            self.register_buffer(f"group_index_{i}", index.reshape(-1), persistent=False)
+
+    @property
+    def num_terms(self) -> int:
+        return self.graph.K
+
+    def forward(self, logits: Sequence[Tensor]) -> Tensor:
+        stacked = self.stack(logits)
+        with torch.autocast(device_type=stacked.device.type, enabled=False):
+            parts = []
+            if self.graph.originals:
+                parts.append(stacked if self._originals_are_stack else stacked.index_select(0, self.original_index))
+            for i, (group, operator) in enumerate(zip(self.graph.groups, self.operators.values(), strict=True)):
+                members = stacked.index_select(0, getattr(self, f"group_index_{i}"))
+                parts.append(operator(members.view(group.n_subsets, group.size, *stacked.shape[1:])))
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def stack(self, logits: Sequence[Tensor]) -> Tensor:
+        """Check the logits and stack the used scales into ``[L', B, C, *S]`` in the mixing dtype."""
+        items = check_logits(logits, self.graph, self.used_scales)
+        used = [items[s] for s in self.used_scales]
+        stacked = used[0].unsqueeze(0) if len(used) == 1 else torch.stack(used)
+        return stacked.float() if stacked.dtype in REDUCED_PRECISION else stacked
+
+
+def check_logits(logits: Sequence[Tensor], graph: Graph, used_scales: Sequence[int]) -> list[Tensor]:
+    """The L logits as a list, after checking count, shape and dtype of the used ones (no host sync)."""
+    if isinstance(logits, Tensor):
+        raise FusionSearchError(
+            f"Pass the logits as a list of {graph.num_scales} tensors [B, C, *spatial] (coarsest first), "
+            f"not one tensor of shape {tuple(logits.shape)}; for a stacked tensor use list(tensor.unbind(dim))."
+        )
+    items = list(logits)
+    if len(items) != graph.num_scales:
+        raise FusionSearchError(
+            f"Expected {graph.num_scales} logit tensors (one per scale, coarsest first) but got {len(items)}. "
+            f"Build the criterion with num_scales equal to the number of model outputs."
+        )
+    reference = None
+    for scale in used_scales:
+        item = items[scale]
+        if not isinstance(item, Tensor) or not item.is_floating_point():
+            raise FusionSearchError(f"Logit P{scale} must be a floating-point tensor, got {type(item).__name__}.")
+        if reference is None:
+            reference = (scale, item.shape)
+        if item.dim() != graph.spatial_dims + 2 or item.shape[1] != graph.num_classes or item.shape != reference[1]:
+            raise FusionSearchError(
+                f"Logit P{scale} has shape {tuple(item.shape)}; the mixed logits must share one shape "
+                f"[B, {graph.num_classes}, *spatial] with {graph.spatial_dims} spatial dimensions "
+                f"(P{reference[0]} has {tuple(reference[1])}). Resize them to the label size first."
+            )
+    return items
+
+
+def _module_key(operator: str, size: int) -> str:
+    """ModuleDict key of an (operator, size) group, e.g. ``concat_k3`` (dots are not allowed in keys)."""
+    return f"{operator.replace('.', '_')}_k{size}"

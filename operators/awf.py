@@ -1,0 +1,51 @@
+"""``awf``: attention-weighted fusion of the members (LoMix).
+
+Each member position j has a 1x1 convolution C -> 1 that scores every pixel; a softmax over the
+members turns the scores into per-pixel weights, and the output is the weighted sum of the
+members. As in the reference, one module serves all subsets of a size (its convolutions indexed
+by the member's position in the subset); ``share: subset`` gives every subset its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from fusionsearch.operator_api import FusionOperator
+from fusionsearch.registry import register_operator
+
+
+@register_operator("awf")
+class AttentionWeightedFusion(FusionOperator):
+    """Per-member 1x1 conv C -> 1 scores, softmax over members per pixel, weighted sum."""
+
+    def __init__(
+        self,
+        k: int,
+        num_classes: int,
+        spatial_dims: int,
+        n_subsets: int,
+        share: Literal["size", "subset"] = "size",
+    ) -> None:
+        super().__init__(k, num_classes, spatial_dims, n_subsets)
+        self.share = share
+        copies = n_subsets if share == "subset" else 1
+        # weight[g, j, c] is the score conv of member position j in copy g; Conv default init.
+        bound = 1.0 / math.sqrt(num_classes)
+        self.weight = nn.Parameter(torch.empty(copies, k, num_classes).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(copies, k).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, k = x.shape[:2]
+        flat = x.flatten(4)  # [n, k, B, C, S]
+        weight = self.weight.expand(n, -1, -1)
+        scores = torch.einsum("njbcs,njc->njbs", flat, weight) + self.bias.expand(n, -1)[:, :, None, None]
+        attention = scores.softmax(dim=1)  # over the members, per pixel
+        out = torch.einsum("njbs,njbcs->nbcs", attention, flat)
+        return out.view(n, *x.shape[2:])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", share={self.share!r}"
