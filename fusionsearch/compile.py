@@ -97,7 +97,7 @@ def compile_space(space: SearchSpace | str | Path, num_scales: int, num_classes:
     subsets = _eligible_subsets(space, selected)
     if space.operators and len(selected) > MAX_SCALES_WITHOUT_BUDGET and space.budget is None:
         raise ConfigError(
-            f"the model has {num_scales} scales and the space selects {len(selected)}: "
+            f"the model has {num_scales} scales and the space mixes {len(selected)} of them; "
             + too_many_scales_message(len(selected)),
             file=source,
             field="budget",

@@ -241,7 +241,7 @@ BUDGET_FIX = (
 
 def too_many_scales_message(count: int) -> str:
     return (
-        f"{count} scales give 2^{count} - 1 - {count} = {2**count - 1 - count} fused subsets per operator; "
+        f"{count} scales give {2**count - 1 - count} fused subsets per operator (2^{count} - 1 - {count}); "
         f"more than {MAX_SCALES_WITHOUT_BUDGET} scales are only allowed with a term budget"
     )
 

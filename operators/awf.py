@@ -39,12 +39,14 @@ class AttentionWeightedFusion(FusionOperator):
         self.bias = nn.Parameter(torch.empty(copies, k).uniform_(-bound, bound))
 
     def forward(self, x: Tensor) -> Tensor:
-        n, k = x.shape[:2]
-        flat = x.flatten(4)  # [n, k, B, C, S]
-        weight = self.weight.expand(n, -1, -1)
-        scores = torch.einsum("njbcs,njc->njbs", flat, weight) + self.bias.expand(n, -1)[:, :, None, None]
+        n, k, b, c = x.shape[:4]
+        flat = x.reshape(n, k, b, c, -1)  # [n, k, B, C, S]
+        copies = self.weight.shape[0]
+        # scores[n, j, b, s] = sum_c weight[j, c] * x[n, j, b, c, s] + bias[j]: one batched GEMV, no copy of x
+        scores = torch.matmul(self.weight.view(copies, k, 1, 1, c), flat).squeeze(3)
+        scores = scores + self.bias.view(copies, k, 1, 1)
         attention = scores.softmax(dim=1)  # over the members, per pixel
-        out = torch.einsum("njbs,njbcs->nbcs", attention, flat)
+        out = (attention.unsqueeze(3) * flat).sum(dim=1)
         return out.view(n, *x.shape[2:])
 
     def extra_repr(self) -> str:

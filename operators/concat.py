@@ -39,11 +39,12 @@ class Concat(FusionOperator):
         self.bias = nn.Parameter(torch.empty(copies, num_classes).uniform_(-bound, bound))
 
     def forward(self, x: Tensor) -> Tensor:
-        n = x.shape[0]
-        weight = self.weight.expand(n, -1, -1, -1)
-        flat = x.flatten(4)  # [n, k, B, C, S]
-        out = torch.einsum("ncjd,njbds->nbcs", weight, flat)
-        out = out + self.bias.expand(n, -1)[:, None, :, None]
+        n, k, b, c = x.shape[:4]
+        copies = self.weight.shape[0]
+        # The channel concat of the members, laid out [n, B, k*C, S] (member-major, as torch.cat gives).
+        stacked_channels = x.reshape(n, k, b, c, -1).transpose(1, 2).reshape(n, b, k * c, -1)
+        out = torch.matmul(self.weight.view(copies, 1, c, k * c), stacked_channels)
+        out = out + self.bias.view(copies, 1, c, 1)
         return out.view(n, *x.shape[2:])
 
     def extra_repr(self) -> str:
