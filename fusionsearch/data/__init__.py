@@ -11,7 +11,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from fusionsearch.data import synapse  # noqa: F401  (registers the built-in datasets)
+from fusionsearch.data import acdc, nifti_folder, synapse  # noqa: F401  (registers the built-in datasets)
 from fusionsearch.data.base import SegmentationDataset
 from fusionsearch.data.io import DataWarning
 from fusionsearch.errors import ConfigError

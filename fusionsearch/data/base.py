@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -78,14 +79,19 @@ class VolumeFileSource:
 
     ``load(path, z)`` reads the whole volume for ``z=None``; for ``z`` an int it reads one slice,
     which formats without partial reads (``partial=False``) never get asked for: the dataset
-    caches whole volumes for them instead.
+    caches whole volumes for them instead. ``count(path)`` gives the number of slices from the
+    file's header; it is only called when slices are needed.
     """
 
     case: str
     path: Path
-    num_slices: int
     load: Callable[[Path, int | None], Pair]
+    count: Callable[[Path], int]
     partial: bool = False
+
+    @cached_property
+    def num_slices(self) -> int:
+        return self.count(self.path)
 
     @property
     def slice_ids(self) -> list[int]:
@@ -164,7 +170,9 @@ class SegmentationDataset(Dataset):
         self.label_fix = label_fix
         self.epoch = 0
         self._cache: OrderedDict[int, Pair] = OrderedDict()
-        self._slices = [(i, z) for i, source in enumerate(self.sources) for z in range(source.num_slices)]
+        self._slices: list[tuple[int, int]] = []
+        if self.mode == "slices":  # counting slices may open every file: only when slices are used
+            self._slices = [(i, z) for i, source in enumerate(self.sources) for z in range(source.num_slices)]
 
     # -- contract attributes ---------------------------------------------------------------------
     @property

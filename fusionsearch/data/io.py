@@ -184,3 +184,15 @@ def check_label_range(label: np.ndarray, num_classes: int, path: Path | str, fix
         raise DataError(
             f"{path}: label values {shown} are out of range for {num_classes} classes (0..{num_classes - 1}). {fix}"
         )
+
+
+def npz_shape(path: Path, key: str) -> tuple[int, ...]:
+    """Shape of array ``key`` in an .npz archive, read from its header without loading the data."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = reader(member)
+            return tuple(int(n) for n in shape)
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path} has no readable '{key}' array ({exc}); the file is corrupt or not npz.") from exc

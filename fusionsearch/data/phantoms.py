@@ -25,8 +25,6 @@ from fusionsearch.data.splits import split_three
 from fusionsearch.data.synapse import BTCV14_NAMES, HU_WINDOW, SYNAPSE9_NAMES, TEST_CASES, TRAIN_CASES
 from fusionsearch.errors import ConfigError, FusionSearchError
 
-ACDC_NAMES = ("background", "right ventricle", "myocardium", "left ventricle")
-
 # Abdominal organs: (name, centre x, y, z, radii x, y, z, mean HU), in [-1, 1] coordinates; painted in
 # this order, so later (smaller) structures overwrite earlier ones.
 _BLOBS = (

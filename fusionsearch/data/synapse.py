@@ -381,10 +381,7 @@ def build_synapse(
 
     if split == "test":
         chosen = sorted(test_cases)
-        sources = [
-            VolumeFileSource(c, test_cases[c], h5_depth(test_cases[c]), decoder.volume_file, partial=True)
-            for c in chosen
-        ]
+        sources = [VolumeFileSource(c, test_cases[c], decoder.volume_file, h5_depth, partial=True) for c in chosen]
         empty_hint = f"No caseXXXX.npy.h5 volumes were found in {test_dir}."
     else:
         pool = sorted(train_cases)
