@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.ndimage import zoom
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fusionsearch.errors import ConfigError, DataError
 from fusionsearch.metrics import PROTOCOLS, dice_hd95
+from fusionsearch.models import resize_logits
 
 HEADS = ("last", "sum", "mixture")
 # Upper bound on the [K, b, C, *S] tensor the mixture head materialises at once (bytes).
@@ -188,9 +188,9 @@ def make_head(head: str, *, criterion: nn.Module | None = None, top_k: int = 5) 
     (ties in weight are broken by term order, so the originals P0..P{L-1} win them).
     """
     if head == "last":
-        return (lambda outputs, size: _resize_logits([outputs[-1]], size)[0]), {}
+        return (lambda outputs, size: resize_logits([outputs[-1]], size)[0]), {}
     if head == "sum":
-        return (lambda outputs, size: torch.stack(_resize_logits(outputs, size)).sum(0)), {}
+        return (lambda outputs, size: torch.stack(resize_logits(outputs, size)).sum(0)), {}
     if head != "mixture":
         raise ConfigError(f"unknown inference head {head!r}", field="head", fix=f"Use one of: {', '.join(HEADS)}")
     if criterion is None:
@@ -251,7 +251,7 @@ def predict_volume(
         raise ConfigError(
             f"the model must say whether it is 2D or 3D (attribute spatial_dims = 2 or 3), got {spatial_dims!r}",
             field="model",
-            fix="Build the model with fusionsearch.build_model or wrap it with the model adapter",
+            fix="Build it with fusionsearch.build_model, or give MultiScaleAdapter spatial_dims=2 or 3",
         )
     was_training = model.training
     model.to(device).eval()
@@ -262,18 +262,6 @@ def predict_volume(
             return _predict_sliding_window(model, image, num_classes, head, roi_size, device, batch_size)
     finally:
         model.train(was_training)
-
-
-def _resize_logits(logits: Sequence[Tensor], size: Sequence[int]) -> list[Tensor]:
-    """Resize each [B, C, *S] logit map to ``size`` (bilinear/trilinear, align_corners=False).
-
-    Stands in for ``fusionsearch.models.resize_logits`` (same contract) until that module lands.
-    """
-    size = tuple(int(s) for s in size)
-    mode = "bilinear" if len(size) == 2 else "trilinear"
-    return [
-        p if tuple(p.shape[2:]) == size else F.interpolate(p, size=size, mode=mode, align_corners=False) for p in logits
-    ]
 
 
 def _predict_slices(
