@@ -45,12 +45,13 @@ _EXPORTS: dict[str, str] = {
     "load_recipe": "fusionsearch.recipe",
     "run": "fusionsearch.runner",
     "RunResult": "fusionsearch.runner",
-    "evaluate": "fusionsearch.evaluate",
+    "evaluate_volumes": "fusionsearch.evaluate",
+    "EvaluationResult": "fusionsearch.evaluate",
     "sweep": "fusionsearch.sweep",
     "SweepResult": "fusionsearch.sweep",
 }
 
-_SUBMODULES = {"metrics", "models", "data", "registry", "errors", "operators", "weighting", "loss"}
+_SUBMODULES = {"evaluate", "metrics", "models", "data", "registry", "errors", "operators", "weighting", "loss"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 
