@@ -207,7 +207,8 @@ class SearchSpace(BaseModel):
             validate_tune_paths(
                 space.tune,
                 base,
-                lambda candidate: cls._validate(candidate, source=source, base_dir=base_dir),
+                # inner errors name only the field: the outer message already names the file
+                lambda candidate: cls._validate(candidate, source="", base_dir=base_dir),
                 source=source,
             )
         return space
@@ -257,9 +258,10 @@ def load_space(name_or_path: str | Path | SearchSpace) -> SearchSpace:
 def _config_error(exc: ValidationError, source: str) -> ConfigError:
     """pydantic error -> ConfigError; an unknown field gets the valid names and the closest match."""
     error = validation_error(exc, source=source)
+    reason = error.reason.removeprefix(f"'{error.field}': ") if error.field else error.reason
     first = exc.errors()[0]
     if first.get("type") != "extra_forbidden":
-        return error
+        return ConfigError(reason, file=source, field=error.field)
     location = [p for p in first.get("loc", ()) if isinstance(p, str)]
     valid = _field_names_at(location[:-1])
     if not valid:
