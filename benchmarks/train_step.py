@@ -1,0 +1,99 @@
+"""Seconds per training step of pvt_emcad under last-layer-only, deep supervision and LoMix.
+
+One step = forward, criterion (mixing + per-term losses + weighting), backward and the AdamW
+update over model + criterion parameters: exactly what ``fusionsearch.train`` does per batch.
+The spaces are timed round-robin (one step of each in turn, after warm-up), so background load on a
+shared machine hits them alike; the table shows the median and the ratio to last-layer-only.
+
+    python benchmarks/train_step.py                       # B=6, 224x224, CPU, pvt_v2_b2
+    python benchmarks/train_step.py --batch 2 --size 128 --encoder pvt_v2_b0 --repeats 3
+
+Target (issue 4): LoMix <= 1.4x last-layer-only (goal 1.25x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fusionsearch as fs
+from fusionsearch.recipe import OptimConfig
+from fusionsearch.train import build_optimizer
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="pvt_emcad")
+    parser.add_argument("--encoder", default="pvt_v2_b2", help="encoder option of the model (pvt_v2_b0 is smaller)")
+    parser.add_argument("--batch", type=int, default=6)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per space")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per space first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--spaces", nargs="+", default=["last_layer", "deep_supervision", "lomix"])
+    return parser.parse_args()
+
+
+class Setup:
+    """Model, criterion and optimiser of one space, all built from the same seed."""
+
+    def __init__(self, space: str, args: argparse.Namespace, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.space = space
+        self.model = fs.build_model(args.model, num_classes=args.classes, in_channels=1, encoder=args.encoder)
+        self.model.to(device).train()
+        self.criterion = fs.build_criterion(space, self.model.num_outputs, args.classes, self.model.spatial_dims)
+        self.criterion.to(device)
+        self.optimizer = build_optimizer(OptimConfig(), self.model, self.criterion)
+        self.terms = len(self.criterion.terms)
+        self.times: list[float] = []
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        sync = torch.cuda.synchronize if images.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        out = self.criterion(self.model(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        self.optimizer.step()
+        sync()
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(args.batch, 1, args.size, args.size, generator=generator).to(device)
+    labels = torch.randint(0, args.classes, (args.batch, args.size, args.size), generator=generator).to(device)
+    setups = [Setup(space, args, device) for space in args.spaces]
+    for setup in setups:
+        for _ in range(args.warmup):
+            setup.step(images, labels)
+    for _ in range(args.repeats):
+        for setup in setups:
+            setup.times.append(setup.step(images, labels))
+
+    print(
+        f"{args.model} ({args.encoder}), B={args.batch}, {args.size}x{args.size}, C={args.classes}, "
+        f"{device}, {torch.get_num_threads()} threads, median of {args.repeats} steps after {args.warmup} warm-up"
+    )
+    base = statistics.median(setups[0].times)
+    print(f"{'space':<18} {'K':>4} {'s/step':>8} {'min':>8} {'max':>8} {'vs ' + setups[0].space:>18}")
+    for setup in setups:
+        median = statistics.median(setup.times)
+        print(
+            f"{setup.space:<18} {setup.terms:>4} {median:>8.3f} {min(setup.times):>8.3f} {max(setup.times):>8.3f} "
+            f"{median / base:>17.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
