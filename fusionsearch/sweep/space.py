@@ -181,22 +181,30 @@ class SweepSpace:
             for cond_path, expected in (param.dist.when or {}).items():
                 searched = self._searched(cond_path)
                 needle = _contains_needle(expected)
+                probe = Distribution(choice=[None], when={cond_path: expected})
+                wanted = f"contains {needle!r}" if needle is not _NO_NEEDLE else f"== {expected!r}"
                 if searched is None:
-                    if get_path(self.base, cond_path, default=_NO_NEEDLE) is _NO_NEEDLE:
+                    fixed = get_path(self.base, cond_path, default=_NO_NEEDLE)
+                    if fixed is _NO_NEEDLE:
                         raise ConfigError(
                             f"the condition reads '{cond_path}', which is neither searched nor a field of the recipe",
                             file=param.source,
                             field=f"{param.field}.when",
                             fix="Check the spelling of the path (space fields start with 'space.')",
                         )
+                    if not probe.is_active(self.base):
+                        raise ConfigError(
+                            f"the condition '{cond_path} {wanted}' can never hold: '{cond_path}' is not searched and "
+                            f"is {format_value(fixed)} in the recipe, so '{param.path}' would never be searched",
+                            file=param.source,
+                            field=f"{param.field}.when",
+                            fix=f"Search '{cond_path}' too, change the condition, or remove it",
+                        )
                     continue
                 if searched.path != cond_path or searched.dist.kind != "choice":
                     continue  # a condition on part of a searched value, or on a numeric one: checked when sampled
                 choices = list(searched.dist.choice or [])
-                probe = Distribution(choice=[None], when={cond_path: expected})
-                possible = any(probe.is_active(set_path(self.base, cond_path, value)) for value in choices)
-                if not possible:
-                    wanted = f"contains {needle!r}" if needle is not _NO_NEEDLE else f"== {expected!r}"
+                if not any(probe.is_active(set_path(self.base, cond_path, value)) for value in choices):
                     raise ConfigError(
                         f"the condition '{cond_path} {wanted}' can never hold: '{cond_path}' is searched over "
                         f"{[format_value(v) for v in choices]}",
