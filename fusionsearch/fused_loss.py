@@ -12,8 +12,9 @@ the softmax ``p``, and computes the gradient in closed form:
   ``dz = p * (g - sum_c p*g)``.
 
 The one-hot target is never built: its contributions enter through a gather of ``p`` at the target
-class and a scatter-add into the gradient. The backward uses the softmax buffer plus the gradient
-buffer, the smallest possible working set.
+class and a scatter-add into the gradient. By default the backward writes the gradient into the
+softmax buffer itself, chunk by chunk over the terms, so the whole loss needs one full-size buffer
+plus temporaries of about 1/8 of it (the price: one backward per forward, see ``fused_term_loss``).
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from fusionsearch.errors import FusionSearchError
 from fusionsearch.loss import SMOOTH, class_index, flat_views, target_counts
+
+_CHUNKS = 8  # the backward's temporaries are about 1/_CHUNKS of the softmax buffer
 
 
 class FusedTermLoss(torch.autograd.Function):
     """``(logits [K,B,C,*S], target [B,*S], beta, gamma, dice_kind) -> Tensor[K]``."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, target: Tensor, beta: float, gamma: float, dice_kind: str) -> Tensor:
+    def forward(
+        ctx: Any, logits: Tensor, target: Tensor, beta: float, gamma: float, dice_kind: str, reuse_buffer: bool
+    ) -> Tensor:
         with torch.autocast(device_type=logits.device.type, enabled=False):
             z, t = flat_views(logits, target)
             k, b, c, n = z.shape
@@ -59,12 +65,20 @@ class FusedTermLoss(torch.autograd.Function):
 
         ctx.save_for_backward(p, t, numerator, denominator)
         ctx.beta, ctx.gamma, ctx.per_sample = beta, gamma, per_sample
+        ctx.reuse_buffer, ctx.consumed = reuse_buffer, False
         ctx.logits_shape = logits.shape
         return beta * ce + gamma * dice
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.consumed and ctx.reuse_buffer:
+            raise FusionSearchError(
+                "The fused per-term loss computes its gradient in the buffer of its saved softmax, so it can "
+                "be backpropagated only once per forward pass. To backpropagate twice through one graph "
+                "(retain_graph=True), set 'loss.fused: false' in the search space."
+            )
+        ctx.consumed = True
         p, t, numerator, denominator = ctx.saved_tensors
         with torch.autocast(device_type=p.device.type, enabled=False):
             k, b, c, n = p.shape
@@ -78,24 +92,40 @@ class FusedTermLoss(torch.autograd.Function):
             # dD/dp = dense_coef * dP/dp + onehot * target_coef   (per Dice bin, already times grad_out)
             dense_coef = g * bin_weight * numerator / denominator.square()
             target_coef = -2 * bin_weight * g / denominator
-            p_target = p.gather(2, gather_index)
-            p_target_coef = p_target * target_coef.index_select(1, index).view(k, b, 1, n)
-
-            if per_sample:  # dP/dp = 1: g_p = dense_coef[b, c] + onehot * target_coef
+            p_target_coef = p.gather(2, gather_index) * target_coef.index_select(1, index).view(k, b, 1, n)
+            if per_sample:  # dP/dp = 1: g_p = dense[b, c] + onehot * target_coef
                 dense = dense_coef.view(k, b, c)
-                dot = torch.matmul(dense.unsqueeze(2), p) + p_target_coef  # sum_c p * g_p, [K,B,1,N]
-                grad = p * (dense.unsqueeze(3) + ce_scale)
-                grad.addcmul_(p, dot, value=-1)
-            else:  # dP/dp = 2p: g_p = 2 * dense_coef[c] * p + onehot * target_coef
+                dense_row, dense_col = dense.unsqueeze(2), dense.unsqueeze(3)
+            else:  # dP/dp = 2p: g_p = dense[c] * p + onehot * target_coef
                 dense = 2 * dense_coef
-                grad = p.square()
-                dot = torch.matmul(dense.view(k, 1, 1, c), grad) + p_target_coef
-                grad.mul_(dense.view(k, 1, c, 1))
-                grad.addcmul_(p, ce_scale - dot)
+                dense_row, dense_col = dense.view(k, 1, 1, c), dense.view(k, 1, c, 1)
+
+            # grad = p * (g_p - sum_c p*g_p) + ce part, a few terms at a time (the temporaries stay a
+            # fraction of p), written into p's own buffer unless the graph may be reused. The Python
+            # loop runs over _CHUNKS chunks, not over terms.
+            grad = p if ctx.reuse_buffer else torch.empty_like(p)
+            step = max(1, -(-k // _CHUNKS))
+            for start in range(0, k, step):
+                rows = slice(start, start + step)
+                p_rows, grad_rows = p[rows], grad[rows]
+                if per_sample:
+                    dot = torch.matmul(dense_row[rows], p_rows) + p_target_coef[rows]
+                    torch.mul(p_rows, dense_col[rows] + (ce_scale[rows] - dot), out=grad_rows)
+                else:
+                    square = p_rows.square()
+                    dot = torch.matmul(dense_row[rows], square) + p_target_coef[rows]
+                    torch.mul(p_rows, ce_scale[rows] - dot, out=grad_rows).add_(square.mul_(dense_col[rows]))
             grad.scatter_add_(2, gather_index, p_target_coef - ce_scale)
-        return grad.view(ctx.logits_shape), None, None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None, None
 
 
-def fused_term_loss(logits: Tensor, target: Tensor, beta: float, gamma: float, dice_kind: str) -> Tensor:
-    """Per-term ``beta*CE + gamma*Dice`` [K] of ``logits`` [K,B,C,*S] (float32/64) against ``target`` [B,*S]."""
-    return FusedTermLoss.apply(logits, target, float(beta), float(gamma), dice_kind)
+def fused_term_loss(
+    logits: Tensor, target: Tensor, beta: float, gamma: float, dice_kind: str, *, reuse_buffer: bool = True
+) -> Tensor:
+    """Per-term ``beta*CE + gamma*Dice`` [K] of ``logits`` [K,B,C,*S] (float32/64) against ``target`` [B,*S].
+
+    ``reuse_buffer=True`` (what the criterion uses) writes the gradient into the saved softmax and
+    saves one full-size buffer, at the price of allowing one backward per forward; ``False`` allows
+    repeated backward passes (``retain_graph=True``, ``gradcheck``).
+    """
+    return FusedTermLoss.apply(logits, target, float(beta), float(gamma), dice_kind, reuse_buffer)

@@ -100,7 +100,33 @@ def test_fused_equals_plain_in_float32(dice_kind, dims):
 @pytest.mark.parametrize("shape", [(2, 2, 3, 3, 4), (2, 1, 2, 2, 3, 2)])
 def test_fused_function_passes_gradcheck(dice_kind, shape):
     logits, target = random_case(shape, seed=7)
-    assert torch.autograd.gradcheck(lambda z: fused_term_loss(z, target, 0.3, 0.7, dice_kind), (logits,))
+    # gradcheck backpropagates several times through one forward, so the buffer is not reused here;
+    # the default (buffer-reusing) backward is compared with this one below.
+    assert torch.autograd.gradcheck(
+        lambda z: fused_term_loss(z, target, 0.3, 0.7, dice_kind, reuse_buffer=False), (logits,)
+    )
+
+
+@pytest.mark.parametrize("dice_kind", ["reference", "monai"])
+@pytest.mark.parametrize("k", [1, 7, 19])  # fewer, not a multiple of, and more terms than the 8 chunks
+def test_buffer_reusing_backward_equals_the_separate_buffer_one(dice_kind, k):
+    logits, target = random_case((k, 2, 3, 4, 5), seed=k)
+    reused = values_and_grads(lambda z, t: fused_term_loss(z, t, 0.3, 0.7, dice_kind), logits, target)
+    separate = values_and_grads(
+        lambda z, t: fused_term_loss(z, t, 0.3, 0.7, dice_kind, reuse_buffer=False), logits, target
+    )
+    torch.testing.assert_close(reused, separate, rtol=0, atol=0)
+
+
+def test_second_backward_through_the_fused_loss_is_a_clear_error():
+    logits, target = random_case((3, 2, 3, 4, 4), seed=19)
+    losses = build_term_loss(LossConfig(fused=True))(logits, target)
+    losses.sum().backward(retain_graph=True)
+    with pytest.raises(FusionSearchError, match="fused: false"):
+        losses.sum().backward()
+    plain = build_term_loss(LossConfig(fused=False))(logits, target)
+    plain.sum().backward(retain_graph=True)
+    plain.sum().backward()  # allowed
 
 
 def test_absent_class_and_single_term_agree_with_torch_cross_entropy():
