@@ -33,7 +33,7 @@ from fusionsearch.data.io import (
     require_dir,
     warn,
 )
-from fusionsearch.data.splits import carve, check_fraction, check_split, keep_fraction
+from fusionsearch.data.splits import carve, check_fraction, check_split, keep_fraction, split_three
 from fusionsearch.errors import ConfigError, DataError
 from fusionsearch.registry import register_dataset
 
@@ -223,18 +223,19 @@ def build_nifti_folder(
     )
 
     pool, test = _find_layout(root)
-    if test is None:
-        rest_ids, test_ids = carve(sorted(pool), test_fraction, split_seed, "test") if pool else ([], [])
-        test = {c: pool[c] for c in test_ids}
-        pool = {c: pool[c] for c in rest_ids}
-    overlap = sorted(set(pool) & set(test))
+    overlap = sorted(set(pool) & set(test or {}))
     if overlap:
         raise DataError(f"{root}: case(s) {', '.join(overlap)} appear in both the training and the test folders.")
-    if split == "test":
-        chosen = sorted(test)
+    if not pool:
+        parts = {"train": [], "valid": [], "test": sorted(test or {})}
+    elif test is None:  # no labelled test folder: all three splits carved, fractions of all cases
+        parts = split_three(sorted(pool), val_fraction, test_fraction, split_seed)
     else:
-        train_ids, valid_ids = carve(sorted(pool), val_fraction, split_seed, "valid") if pool else ([], [])
-        chosen = valid_ids if split == "valid" else keep_fraction(train_ids, fraction, split_seed) if train_ids else []
+        train_ids, valid_ids = carve(sorted(pool), val_fraction, split_seed, "valid")
+        parts = {"train": train_ids, "valid": valid_ids, "test": sorted(test)}
+    if split == "train" and parts["train"]:
+        parts["train"] = keep_fraction(parts["train"], fraction, split_seed)
+    chosen = parts[split]
 
     names = list(class_names) if class_names is not None else None
     if num_classes is None:
@@ -243,13 +244,13 @@ def build_nifti_folder(
             num_classes = len(names_from_json)
             names = names or names_from_json
         else:
-            every_label = [pair[1] for pair in sorted({**pool, **test}.values())]
+            every_label = [pair[1] for pair in sorted({**pool, **(test or {})}.values())]
             num_classes = _infer_num_classes(root, every_label) if every_label else 2
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"must be an integer >= 2 (background included), got {num_classes!r}", field="num_classes")
     names = names or ["background", *(f"class{i}" for i in range(1, num_classes))]
 
-    cases = {**pool, **test}
+    cases = {**pool, **(test or {})}
     decoder = NiftiPairDecoder(
         {cases[c][0]: cases[c][1] for c in chosen},
         axis,
@@ -275,5 +276,5 @@ def build_nifti_folder(
         foreground_probability=foreground_probability,
         cache_volumes=cache_volumes,
         label_fix="Set num_classes to the number of classes the label files hold (background included).",
-        empty_hint=f"Found {len(pool) + len(test)} image/label pair(s) in total; add cases or change the fractions.",
+        empty_hint=f"Found {len(cases)} image/label pair(s) in total; add cases or change the fractions.",
     )

@@ -79,9 +79,18 @@ def keep_fraction(cases: Sequence[str], fraction: float, seed: int) -> list[str]
 
 
 def split_three(cases: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
-    """Seeded train/valid/test split of cases (e.g. 70/10/20 patients); each list sorted."""
+    """Seeded train/valid/test split of cases (e.g. 70/10/20 patients); both fractions are shares of
+    all cases (at least one case each when above 0); each list sorted."""
     rest, test = carve(cases, test_fraction, seed, "test")
-    train, valid = carve(rest, val_fraction, seed, "valid")
+    if val_fraction <= 0 or not rest:
+        return {"train": rest, "valid": [], "test": test}
+    share = max(1, round(val_fraction * len(cases))) / len(rest)
+    if share >= 1:
+        raise DataError(
+            f"cannot split {len(cases)} case(s) into train, valid ({val_fraction:g}) and test ({test_fraction:g}) "
+            f"with at least one training case. Add cases or lower the fractions."
+        )
+    train, valid = carve(rest, share, seed, "valid")
     return {"train": train, "valid": valid, "test": test}
 
 
