@@ -10,8 +10,9 @@ On disk (``root``)::
 Label forms (``labels=``): ``btcv14`` holds the raw BTCV labels 0..13, remapped to the 8 organs of
 the benchmark (5, 9, 10, 12, 13 -> 0 and 11 -> 5); ``synapse9`` holds the TransUNet release's
 already-remapped 9 classes in its own organ order (indices kept); ``auto`` looks at the data and
-refuses to guess when it cannot tell. Images that look like raw Hounsfield units are clipped to
-[-125, 275] and scaled to [0, 1], as the release's preprocessing did.
+refuses to guess when it cannot tell (the dataset's ``label_form`` attribute says which form was
+read). Images that look like raw Hounsfield units are clipped to [-125, 275] and scaled to [0, 1],
+as the release's preprocessing did.
 """
 
 from __future__ import annotations
@@ -344,6 +345,7 @@ def build_synapse(
         raise ConfigError(f"unknown Synapse label form {labels!r}", field="labels", fix=f"Use one of {LABEL_FORMS}")
     val_fraction = check_fraction(val_fraction, "val_fraction", allow_zero=True, allow_one=False)
     fraction = check_fraction(fraction, "fraction", allow_zero=False)
+    size = parse_size(size, 2)
     root = require_dir(
         Path(root).expanduser(),
         "The Synapse root",
@@ -358,9 +360,9 @@ def build_synapse(
             f"Synapse layout, see docs/data/synapse.md."
         )
     if split in ("train", "valid"):
-        require_dir(train_dir, f"The {split} split needs", "Put the training slices in train_npz/.")
+        require_dir(train_dir, "The training slice folder", f"The {split} split reads caseXXXX_sliceNNN.npz from it.")
     if split == "test":
-        require_dir(test_dir, "The test split needs", "Put the test volumes in test_vol_h5/.")
+        require_dir(test_dir, "The test volume folder", "The test split reads caseXXXX.npy.h5 from it.")
 
     list_root = _find_list_dir(root, list_dir)
     train_list = list_root / "train.txt" if list_root and (list_root / "train.txt").is_file() else None
@@ -410,7 +412,7 @@ def build_synapse(
         volumes=(not is_train) if volumes is None else bool(volumes),
         augment=is_train if augment is None else bool(augment),
         seed=seed,
-        size=parse_size(size, 2),
+        size=size,
         cache_volumes=cache_volumes,
         label_fix=label_fix,
         empty_hint=empty_hint,
