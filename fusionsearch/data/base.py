@@ -187,7 +187,10 @@ class SegmentationDataset(Dataset):
         return "patches" if self.spatial_dims == 3 else "slices"
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation stream of ``epoch`` (call once per epoch, before iterating)."""
+        """Select the augmentation stream of ``epoch`` (call once per epoch, before iterating).
+
+        DataLoader workers hold copies of the dataset: create the loader (or its iterator) after
+        this call, and do not use ``persistent_workers``, or the workers keep the old epoch."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
