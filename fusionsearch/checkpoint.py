@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +42,45 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        # torch's zip writer reports a failed write (ENOSPC, EFBIG) as a RuntimeError whose context is
+        # the OSError; a RuntimeError without one is not a write problem and propagates unchanged.
+        cause = _os_error(exc)
         try:
             tmp.unlink()
         except OSError:
             pass
+        if cause is None:
+            raise
         previous = (
             f"The previous checkpoint {path} is intact"
             if path.exists()
             else f"There was no previous checkpoint at {path}"
         )
         raise CheckpointWriteError(
-            f"Could not write the checkpoint {path}: {exc.strerror or exc} (errno {exc.errno}). {previous}. "
-            f"Free disk space (or raise the quota / file-size limit) and continue with --resume."
+            f"Could not write the checkpoint {path}: {cause.strerror or cause} (errno {cause.errno}; "
+            f"{_free_space(path.parent)}). {previous}. Free disk space (or raise the quota / file-size limit) "
+            f"and continue with --resume."
         ) from exc
     _fsync_directory(path.parent)
     return path
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def _fsync_directory(folder: Path) -> None:

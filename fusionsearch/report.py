@@ -86,6 +86,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _save(fig: Any, path: Path) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -105,6 +111,7 @@ def plot_weights_over_epochs(log: TermLog, path: Path, top: int = TOP_TERMS) -> 
         ax.plot(log.epochs, log.weights[:, k], color="0.75", linewidth=0.8, zorder=1)
     for rank, k in enumerate(highlighted):
         ax.plot(log.epochs, log.weights[:, k], linewidth=2.0, zorder=2, label=f"{rank + 1}. {log.terms[k]}")
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("epoch (0 = initial)")
     ax.set_ylabel("effective weight")
     ax.set_title(f"Learned term weights ({len(log.terms)} terms; top {len(highlighted)} by final weight in colour)")
@@ -114,7 +121,11 @@ def plot_weights_over_epochs(log: TermLog, path: Path, top: int = TOP_TERMS) -> 
 
 
 def plot_final_weights(log: TermLog, path: Path) -> Path:
-    """The final weight of every term, grouped by operator (colour) and subset (x labels)."""
+    """The final weight of every term (dots, with a stem from its initial weight), grouped by operator.
+
+    Stems rather than bars from zero: LoMix weights often move by a few percent only, and the
+    plot must show which terms gained or lost relative to where they started.
+    """
     plt = _pyplot()
     groups: dict[str, list[int]] = {}
     for k, name in enumerate(log.terms):
@@ -125,15 +136,17 @@ def plot_final_weights(log: TermLog, path: Path) -> Path:
     ticks, labels = [], []
     for index, (operator, members) in enumerate(groups.items()):
         positions = np.arange(x, x + len(members))
-        ax.bar(positions, log.weights[-1, members], color=colours(index % 10), label=operator, width=0.8)
+        colour = colours(index % 10)
+        ax.vlines(positions, log.weights[0, members], log.weights[-1, members], color=colour, linewidth=1.2)
+        ax.plot(positions, log.weights[-1, members], "o", color=colour, label=operator, markersize=5)
         ticks += list(positions)
         labels += [term_group(log.terms[k])[1] for k in members]
         x += len(members) + 1  # a gap between operators
-    ax.axhline(log.weights[0].mean(), color="black", linestyle="--", linewidth=0.8, label="mean initial weight")
+    ax.plot([], [], color="0.3", linewidth=1.2, label="change from the initial weight")
     ax.set_xticks(ticks)
     ax.set_xticklabels(labels, rotation=90, fontsize=7)
     ax.set_xlabel("subset of scales (0 = coarsest), grouped by operator")
-    ax.set_ylabel("final effective weight")
+    ax.set_ylabel(f"effective weight after epoch {log.epochs[-1]}")
     ax.set_title("Final weight of every term")
     ax.legend(fontsize=8, ncol=min(6, len(groups) + 1))
     ax.grid(axis="y", alpha=0.3)
@@ -166,6 +179,7 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(7, 3.8))
     ax.plot(epochs, [row.get("train_loss", math.nan) for row in history], color="tab:blue", label="train loss")
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss (weighted sum of terms)", color="tab:blue")
     validated = [r for r in history if r.get("validated", 1) == 1 and math.isfinite(r.get("val_dice", math.nan))]
@@ -178,14 +192,20 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_overlays(npz_path: Path, path: Path, num_classes: int) -> Path:
-    """Rows of image / ground truth / prediction for the slices saved by the runner."""
+def plot_overlays(npz_path: Path, path: Path, class_names: list[str]) -> Path:
+    """Rows of image / ground truth / prediction for the slices saved by the runner.
+
+    ``class_names`` are the foreground classes (label 1 first), shown as a colour legend.
+    """
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
     data = np.load(npz_path, allow_pickle=False)
     names = [str(n) for n in data["names"]]
     rows = len(names)
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
-    cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows + 0.6), squeeze=False)
+    count = len(class_names) + 1
+    cmap = _label_colours(count)
     for r in range(rows):
         image = data[f"image_{r}"]
         panels = (("image", None), ("ground truth", data[f"truth_{r}"]), ("prediction", data[f"prediction_{r}"]))
@@ -194,11 +214,26 @@ def plot_overlays(npz_path: Path, path: Path, num_classes: int) -> Path:
             ax.imshow(image, cmap="gray")
             if labels is not None:
                 masked = np.ma.masked_where(labels <= 0, labels)
-                ax.imshow(masked, cmap=cmap, vmin=0, vmax=max(9, num_classes - 1), alpha=0.55, interpolation="nearest")
+                ax.imshow(masked, cmap=cmap, vmin=-0.5, vmax=count - 0.5, alpha=0.55, interpolation="nearest")
             ax.set_title(f"{names[r]}: {title}" if c == 0 else title, fontsize=9)
             ax.axis("off")
-    fig.tight_layout()
+    handles = [Patch(color=cmap(i + 1), label=name) for i, name in enumerate(class_names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _save(fig, path)
+
+
+def _label_colours(count: int) -> Any:
+    """A colour per label value (index 0 unused), skipping greys that vanish on a CT image."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    tab10 = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]
+    extra = [c for i, c in enumerate(colormaps["tab20"].colors) if i % 2 == 1 and i not in (14, 15)]
+    palette = [(0.0, 0.0, 0.0), *tab10, *extra]
+    while len(palette) < count:
+        palette += palette[1:]
+    return ListedColormap(palette[: max(count, 2)])
 
 
 def _percent_or_nan(value: Any) -> float:
@@ -273,8 +308,8 @@ def write_report(run_dir: str | Path) -> Path:
         plot_per_class_dice(summary["per_class"], summary.get("mean_dice"), run_dir / "per_class_dice.png")
         lines += ["## Per-class Dice", "", "![per-class Dice](per_class_dice.png)", ""]
     if (run_dir / "qualitative.npz").is_file():
-        num_classes = len(summary.get("per_class", {})) + 1 if summary else 10
-        plot_overlays(run_dir / "qualitative.npz", run_dir / "overlays.png", num_classes)
+        class_names = list(summary.get("per_class", {})) if summary else []
+        plot_overlays(run_dir / "qualitative.npz", run_dir / "overlays.png", class_names)
         lines += ["## Qualitative examples", "", "![image, truth, prediction](overlays.png)", ""]
 
     path = run_dir / "report.md"
