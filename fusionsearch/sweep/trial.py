@@ -109,13 +109,13 @@ def run_trial(
             report(done["last"], None)
         return done
 
-    recipe = plan.trial_recipe(overrides, label=f"trial {trial_id}")
-    check_data_root(recipe.data.root)
     run_dir.mkdir(parents=True, exist_ok=True)
     if restore_from is not None:
         _adopt_checkpoint(Path(restore_from), run_dir)
     resume = _has_checkpoint(run_dir)
     _log_attempt(run_dir, "resumed from the last checkpoint" if resume else "started")
+    recipe = plan.trial_recipe(overrides, label=f"trial {trial_id}")
+    check_data_root(recipe.data.root)
     (run_dir / "trial_params.json").write_text(json.dumps(overrides, indent=2, default=str), encoding="utf-8")
 
     last: dict[str, Any] = {}
