@@ -1,9 +1,10 @@
 """The mixer: all K terms of a compiled graph from the L logits, in one vectorised pass.
 
 The logits of the scales the graph uses are stacked once into ``[L', B, C, *S]``. The originals
-are that stack itself (or one ``index_select`` of it when only some scales are supervised); each
-(operator, subset size) group gathers all its subsets with one ``index_select`` into
-``[n_subsets, k, B, C, *S]`` and calls its operator once. The pieces are concatenated in term
+are that stack itself (or one ``index_select`` of it when only some scales are supervised); all
+subsets of one size are gathered with one ``index_select`` into ``[n_subsets, k, B, C, *S]``
+(shared by the operators that use the same subsets), and each (operator, size) group calls its
+operator once on it. The pieces are concatenated in term
 order. There is no Python loop over terms and nothing is read back to the host.
 
 Mixing runs with autocast disabled, in float32 for half-precision inputs (float64 stays float64):
@@ -56,9 +57,12 @@ class Mixer(nn.Module):
         self._originals_are_stack = graph.originals == self.used_scales
         originals = [position[s] for s in graph.originals]
         self.register_buffer("original_index", torch.tensor(originals, dtype=torch.long), persistent=False)
-        for i, group in enumerate(graph.groups):
-            index = torch.tensor([[position[s] for s in subset] for subset in group.subsets], dtype=torch.long)
-            self.register_buffer(f"group_index_{i}", index.reshape(-1), persistent=False)
+        # Groups with the same subsets (every operator, for a given size) share one gather.
+        gathers: dict[tuple[tuple[int, ...], ...], int] = {}
+        self._gather_of_group = [gathers.setdefault(group.subsets, len(gathers)) for group in graph.groups]
+        for subsets, i in gathers.items():
+            index = torch.tensor([[position[s] for s in subset] for subset in subsets], dtype=torch.long)
+            self.register_buffer(f"gather_index_{i}", index.reshape(-1), persistent=False)
 
     @property
     def num_terms(self) -> int:
@@ -70,9 +74,14 @@ class Mixer(nn.Module):
             parts = []
             if self.graph.originals:
                 parts.append(stacked if self._originals_are_stack else stacked.index_select(0, self.original_index))
-            for i, (group, operator) in enumerate(zip(self.graph.groups, self.operators.values(), strict=True)):
-                members = stacked.index_select(0, getattr(self, f"group_index_{i}"))
-                parts.append(operator(members.view(group.n_subsets, group.size, *stacked.shape[1:])))
+            gathered: dict[int, Tensor] = {}
+            for gather, group, operator in zip(
+                self._gather_of_group, self.graph.groups, self.operators.values(), strict=True
+            ):
+                if gather not in gathered:
+                    members = stacked.index_select(0, getattr(self, f"gather_index_{gather}"))
+                    gathered[gather] = members.view(group.n_subsets, group.size, *stacked.shape[1:])
+                parts.append(operator(gathered[gather]))
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def stack(self, logits: Sequence[Tensor]) -> Tensor:

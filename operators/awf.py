@@ -45,8 +45,12 @@ class AttentionWeightedFusion(FusionOperator):
         # scores[n, j, b, s] = sum_c weight[j, c] * x[n, j, b, c, s] + bias[j]: one batched GEMV, no copy of x
         scores = torch.matmul(self.weight.view(copies, k, 1, 1, c), flat).squeeze(3)
         scores = scores + self.bias.view(copies, k, 1, 1)
-        attention = scores.softmax(dim=1)  # over the members, per pixel
-        out = (attention.unsqueeze(3) * flat).sum(dim=1)
+        attention = scores.softmax(dim=1).unsqueeze(3)  # over the members, per pixel: [n, k, B, 1, S]
+        # weighted sum, accumulated in place so that no [n, k, B, C, S] temporary is allocated
+        weights, members = attention.unbind(1), flat.unbind(1)
+        out = weights[0] * members[0]
+        for weight, member in zip(weights[1:], members[1:], strict=True):
+            out = out.addcmul_(weight, member)
         return out.view(n, *x.shape[2:])
 
     def extra_repr(self) -> str:

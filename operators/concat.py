@@ -44,7 +44,7 @@ class Concat(FusionOperator):
         # The channel concat of the members, laid out [n, B, k*C, S] (member-major, as torch.cat gives).
         stacked_channels = x.reshape(n, k, b, c, -1).transpose(1, 2).reshape(n, b, k * c, -1)
         out = torch.matmul(self.weight.view(copies, 1, c, k * c), stacked_channels)
-        out = out + self.bias.view(copies, 1, c, 1)
+        out = out.add_(self.bias.view(copies, 1, c, 1))  # in place: matmul's backward does not need its output
         return out.view(n, *x.shape[2:])
 
     def extra_repr(self) -> str:
