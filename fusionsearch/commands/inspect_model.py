@@ -63,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
     print("outputs (coarsest first):")
     for index, logits in enumerate(outputs):
         ratios = sorted({args.size / side for side in logits.shape[2:]})
-        scale = " x ".join("full size" if ratio == 1 else f"1/{ratio:g}" for ratio in ratios)
-        print(f"  P{index}  {list(logits.shape)}  ({scale} of the input)")
+        scale = " x ".join(f"1/{ratio:g}" for ratio in ratios)
+        print(f"  P{index}  {list(logits.shape)}  ({'full size' if ratios == [1] else scale + ' of the input'})")
     return 0
