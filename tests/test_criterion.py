@@ -7,12 +7,14 @@ Reference Dice (DESIGN.md): softmax, one-hot target, per class over the whole ba
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_operators import naive_mix
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusionsearch as fs
 from fusionsearch.errors import FusionSearchError
@@ -123,6 +125,34 @@ def test_last_layer_computes_only_the_finest_term():
     torch.testing.assert_close(out.total, naive_term_loss(logits[3], target, 0.3, 0.7))
     out.total.backward()
     assert all(z.grad is None for z in logits[:3]) and logits[3].grad is not None
+
+
+class RecordOps(TorchDispatchMode):
+    """Counts the aten operators that run (forward and, on CPU, backward: same thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# operators that read a value back to the host (a device sync on GPU) or have data-dependent shapes
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose", "unique", "masked_select"}
+
+
+@pytest.mark.parametrize("space_name", ["lomix", "nnunet"])
+def test_forward_and_backward_read_nothing_back_to_the_host(space_name):
+    crit = fs.build_criterion(space_name, 4, CLASSES, 2)
+    logits = [torch.randn(BATCH, CLASSES, 4 * 2**i, 4 * 2**i, requires_grad=True) for i in range(4)]
+    target = torch.randint(0, CLASSES, (BATCH, 32, 32))
+    with RecordOps() as recorder:
+        crit(logits, target).total.backward()
+    assert "index_select" in recorder.ops or space_name != "lomix"
+    assert "upsample_bilinear2d_backward" in recorder.ops  # the backward pass was recorded too
+    assert not HOST_SYNC_OPS & set(recorder.ops)
 
 
 def test_wrong_number_of_logits():
