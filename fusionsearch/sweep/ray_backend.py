@@ -184,7 +184,9 @@ def run_ray(
             time_attr="epoch",
             metric=plan.metric,
             mode=plan.mode,
-            max_t=max(max_epochs or 10**6, grace_period),
+            # beyond the last epoch: ASHA stops a trial that reaches max_t at once, which would cut off
+            # the runner's final test evaluation and report; a trial ends by itself after its last epoch
+            max_t=max(max_epochs + 1 if max_epochs else 10**6, grace_period + 1),
             grace_period=grace_period,
             reduction_factor=reduction_factor,
         )
