@@ -103,7 +103,7 @@ def compile_space(space: SearchSpace | str | Path, num_scales: int, num_classes:
             field="budget",
             fix=BUDGET_FIX,
         )
-    if space.operators and space.budget is not None:
+    if space.budget is not None:
         subsets = _apply_budget(space, subsets, len(originals))
 
     terms = [Term(original_name(s), None, (s,)) for s in originals]
@@ -176,14 +176,14 @@ def _apply_budget(space: SearchSpace, subsets: list[tuple[int, ...]], n_original
     n_ops = len(space.operators)
     if n_originals + n_ops * len(subsets) <= budget.max_terms:
         return subsets
-    room = (budget.max_terms - n_originals) // n_ops
+    room = (budget.max_terms - n_originals) // n_ops if n_ops else 0
     if room < 1:
         raise ConfigError(
             f"max_terms={budget.max_terms} leaves no room for fused terms ({n_originals} originals + at least "
-            f"one subset for each of {n_ops} operators = {n_originals + n_ops})",
+            f"one subset for each of {n_ops} operators = {n_originals + n_ops} terms)",
             file=space.source,
             field="budget.max_terms",
-            fix=f"Raise max_terms to at least {n_originals + n_ops}",
+            fix=f"Raise max_terms to at least {n_originals + n_ops}, or select fewer scales",
         )
     if budget.strategy == "prune":
         return subsets[:room]

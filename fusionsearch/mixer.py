@@ -89,7 +89,16 @@ class Mixer(nn.Module):
         items = check_logits(logits, self.graph, self.used_scales)
         used = [items[s] for s in self.used_scales]
         stacked = used[0].unsqueeze(0) if len(used) == 1 else torch.stack(used)
-        return stacked.float() if stacked.dtype in REDUCED_PRECISION else stacked
+        if stacked.dtype in REDUCED_PRECISION:
+            stacked = stacked.float()
+        parameter = next(self.parameters(), None)
+        if parameter is not None and parameter.dtype != stacked.dtype:
+            raise FusionSearchError(
+                f"The operators' parameters are {parameter.dtype} but the logits are mixed in {stacked.dtype}. "
+                f"Convert the criterion to the logits' precision (criterion.to({stacked.dtype})) or the logits to "
+                f"the criterion's; half-precision logits are mixed in float32 and need a float32 criterion."
+            )
+        return stacked
 
 
 def check_logits(logits: Sequence[Tensor], graph: Graph, used_scales: Sequence[int]) -> list[Tensor]:

@@ -136,6 +136,7 @@ def test_budget_larger_than_k_changes_nothing():
     ("data", "num_scales", "field", "message"),
     [
         ({"operators": ["add"], "budget": {"max_terms": 6}}, 6, "budget.max_terms", "no room for fused terms"),
+        ({"operators": [], "budget": {"max_terms": 3}}, 4, "budget.max_terms", "4 originals"),
         ({"scales": 5, "operators": []}, 4, "scales", "only 4"),
         ({"scales": [0, 4]}, 4, "scales", "do not exist"),
         ({"operators": ["add"], "subset_sizes": {"min": 4}, "scales": 3}, 4, "subset_sizes", "at least 4 scales"),

@@ -164,6 +164,13 @@ def test_mixer_rejects_mismatched_logits():
         mixer(torch.stack(logits))
 
 
+def test_mixer_refuses_a_precision_mismatch():
+    mixer = Mixer(compile_space(SearchSpace.from_dict({"operators": ["concat"]}), 2, CLASSES, 2))
+    with pytest.raises(FusionSearchError, match=r"parameters are torch.float32 .* mixed in torch.float64"):
+        mixer(random_logits(2, 2))
+    assert mixer(random_logits(2, 2, torch.float16)).dtype == torch.float32
+
+
 # -- operator interface and registry ---------------------------------------------------------------
 
 
