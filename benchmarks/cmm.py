@@ -6,6 +6,7 @@ B=6, C=9, 224x224, float32, CPU):
 criterion        ``fs.build_criterion(space)``: vectorised mixer + fused per-term loss + weighting
 criterion_plain  the same with ``loss.fused: false`` (plain autograd per-term loss)
 loss_only        the fused per-term loss alone on K given logits stacked as [K,B,C,H,W] (no mixing)
+loss_only_plain  the same with the plain autograd per-term loss
 naive            a per-term Python loop: mix each term on its own, F.cross_entropy + one-hot Dice
 floor            K separate single-term beta*CE + gamma*Dice losses with plain autograd on K given
                  logit tensors (no mixing; the one-hot target is built once and shared, so this
@@ -31,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 
-VARIANTS = ("criterion", "criterion_plain", "loss_only", "naive", "floor")
+VARIANTS = ("criterion", "criterion_plain", "loss_only", "loss_only_plain", "naive", "floor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,7 +119,7 @@ def build_step(variant: str, args: argparse.Namespace) -> tuple[Callable[[], Non
 
     torch.manual_seed(0)
     space = fs.load_space(args.space)
-    if variant == "criterion_plain":
+    if variant in ("criterion_plain", "loss_only_plain"):
         space = space.model_copy(update={"loss": space.loss.model_copy(update={"fused": False})})
     criterion = fs.build_criterion(space, num_scales=args.scales, num_classes=args.classes, spatial_dims=2)
     terms = criterion.graph.terms
@@ -138,7 +139,7 @@ def build_step(variant: str, args: argparse.Namespace) -> tuple[Callable[[], Non
             criterion.zero_grad(set_to_none=True)
             criterion(logits, target).total.backward()
 
-    elif variant == "loss_only":
+    elif variant in ("loss_only", "loss_only_plain"):
         stacked = torch.randn(k, b, c, side, side).requires_grad_(True)
         term_loss = build_term_loss(space.loss)
 

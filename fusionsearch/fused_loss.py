@@ -15,6 +15,8 @@ The one-hot target is never built: its contributions enter through a gather of `
 class and a scatter-add into the gradient. By default the backward writes the gradient into the
 softmax buffer itself, chunk by chunk over the terms, so the whole loss needs one full-size buffer
 plus temporaries of about 1/8 of it (the price: one backward per forward, see ``fused_term_loss``).
+
+The small index helpers below are shared with the plain autograd path in ``fusionsearch.loss``.
 """
 
 from __future__ import annotations
@@ -26,13 +28,34 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fusionsearch.errors import FusionSearchError
-from fusionsearch.loss import SMOOTH, class_index, flat_views, target_counts
 
+SMOOTH = 1e-5  # numerator and denominator smoothing of both Dice flavours
 _CHUNKS = 8  # the backward's temporaries are about 1/_CHUNKS of the softmax buffer
 
 
+def flat_views(mixed: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``[K,B,C,N]`` logits and ``[B,N]`` int64 target, N = number of pixels/voxels per sample."""
+    k, b, c = mixed.shape[:3]
+    return mixed.reshape(k, b, c, -1), target.reshape(b, -1).long()
+
+
+def class_index(target: Tensor, num_classes: int, per_sample: bool) -> Tensor:
+    """Flat ``[B*N]`` index of each pixel's Dice bin: its class, or ``b*C + class`` per sample."""
+    if not per_sample:
+        return target.reshape(-1)
+    offsets = torch.arange(target.shape[0], device=target.device).unsqueeze(1) * num_classes
+    return (target + offsets).reshape(-1)
+
+
+def target_counts(index: Tensor, bins: int, dtype: torch.dtype) -> Tensor:
+    """Pixels per Dice bin (= sum of the one-hot target; ``t^2 = t``), with no host sync."""
+    return torch.zeros(bins, dtype=dtype, device=index.device).index_add_(
+        0, index, torch.ones((), dtype=dtype, device=index.device).expand(index.numel())
+    )
+
+
 class FusedTermLoss(torch.autograd.Function):
-    """``(logits [K,B,C,*S], target [B,*S], beta, gamma, dice_kind) -> Tensor[K]``."""
+    """``(logits [K,B,C,*S], target [B,*S], beta, gamma, dice_kind, reuse_buffer) -> Tensor[K]``."""
 
     @staticmethod
     def forward(

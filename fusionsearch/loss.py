@@ -29,8 +29,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import Tensor, nn
 
 from fusionsearch.errors import FusionSearchError
-
-SMOOTH = 1e-5  # numerator and denominator smoothing of both Dice flavours
+from fusionsearch.fused_loss import SMOOTH, class_index, flat_views, fused_term_loss, target_counts
 
 
 class LossConfig(BaseModel):
@@ -77,8 +76,6 @@ class TermLoss(nn.Module):
         with torch.autocast(device_type=mixed.device.type, enabled=False):
             logits = mixed.to(compute_dtype(mixed.dtype))
             if self.config.fused:
-                from fusionsearch.fused_loss import fused_term_loss
-
                 return fused_term_loss(logits, target, self.config.ce, self.config.dice, self.config.dice_kind)
             return plain_term_loss(logits, target, self.config.ce, self.config.dice, self.config.dice_kind)
 
@@ -118,27 +115,6 @@ def check_inputs(mixed: Tensor, target: Tensor) -> None:
         raise FusionSearchError(
             f"The per-term loss needs at least 2 classes (background included), got C={mixed.shape[2]}."
         )
-
-
-def flat_views(mixed: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """``[K,B,C,N]`` logits and ``[B,N]`` int64 target, N = number of pixels/voxels per sample."""
-    k, b, c = mixed.shape[:3]
-    return mixed.reshape(k, b, c, -1), target.reshape(b, -1).long()
-
-
-def class_index(target: Tensor, num_classes: int, per_sample: bool) -> Tensor:
-    """Flat ``[B*N]`` index of each pixel's Dice bin: its class, or ``b*C + class`` per sample."""
-    if not per_sample:
-        return target.reshape(-1)
-    offsets = torch.arange(target.shape[0], device=target.device).unsqueeze(1) * num_classes
-    return (target + offsets).reshape(-1)
-
-
-def target_counts(index: Tensor, bins: int, dtype: torch.dtype) -> Tensor:
-    """Pixels per Dice bin (= sum of the one-hot target; ``t^2 = t``), with no host sync."""
-    return torch.zeros(bins, dtype=dtype, device=index.device).index_add_(
-        0, index, torch.ones((), dtype=dtype, device=index.device).expand(index.numel())
-    )
 
 
 def plain_term_loss(logits: Tensor, target: Tensor, beta: float, gamma: float, dice_kind: str) -> Tensor:
