@@ -20,7 +20,7 @@ from fusionsearch.models import parameter_counts, resize_logits
 # (model, options, spatial_dims, input side, strides of the outputs, coarsest first)
 CASES = [
     ("pvt_emcad", {"encoder": "pvt_v2_b0"}, 2, 64, [32, 16, 8, 4]),
-    ("pvt_emcad", {"encoder": "pvt_v2_b0", "num_outputs": 2}, 2, 64, [8, 4]),
+    ("pvt_emcad", {"encoder": "pvt_v2_b0", "num_outputs": 2}, 2, 32, [8, 4]),
     ("timm_unet", {"encoder": "test_resnet"}, 2, 64, [16, 8, 4, 2]),
     (
         "timm_unet",
@@ -36,6 +36,7 @@ CASES = [
     ("dynunet", {"filters": [4, 8, 8, 16], "spatial_dims": 3, "num_outputs": 3}, 3, 16, [4, 2, 1]),
 ]
 IDS = [f"{name}-{i}" for i, (name, *_rest) in enumerate(CASES)]
+TRAIN = [0, 2, 3, 4, 6, 7, 8]  # one case per model family and dimension (the others differ only in shape)
 NUM_CLASSES = 3
 
 
@@ -56,7 +57,9 @@ def test_outputs_have_contract_shapes_coarsest_first(name, options, dims, side, 
     assert [tuple(o.shape) for o in outputs] == expected
 
 
-@pytest.mark.parametrize(("name", "options", "dims", "side", "strides"), CASES, ids=IDS)
+@pytest.mark.parametrize(
+    ("name", "options", "dims", "side", "strides"), [CASES[i] for i in TRAIN], ids=[IDS[i] for i in TRAIN]
+)
 def test_one_training_step_reaches_every_parameter(name, options, dims, side, strides):
     """Every parameter gets a finite gradient; the decoder's are all non-zero; the step moves them.
 

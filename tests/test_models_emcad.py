@@ -32,8 +32,8 @@ def _eucb(c_in: int, c_out: int) -> int:
 
 def _lgag(c: int) -> int:
     inner = c // 2
-    grouped = inner * (c // inner) * 9 + inner + 2 * inner  # grouped 3x3 conv (groups = inner) + BN
-    return 2 * grouped + inner + 1 + 2  # gate and skip branches, 1x1 conv to one map + BN
+    grouped = inner * (c // inner) * 9 + 2 * inner  # bias-free grouped 3x3 conv (groups = inner) + BN
+    return 2 * grouped + inner + 2  # gate and skip branches, bias-free 1x1 conv to one map + BN
 
 
 def _closed_form_decoder(channels: list[int], classes: int, in_channels: int) -> int:
@@ -42,7 +42,7 @@ def _closed_form_decoder(channels: list[int], classes: int, in_channels: int) ->
     total += sum(_eucb(a, b) + _lgag(b) for a, b in zip(channels, channels[1:], strict=False))
     total += sum(c * classes + classes for c in channels)  # one 1x1 head with bias per stage
     if in_channels != 3:
-        total += in_channels * 3 + 3 + 2 * 3  # 1x1 conv to 3 channels + BN
+        total += in_channels * 3 + 2 * 3  # bias-free 1x1 conv to 3 channels + BN
     return total
 
 

@@ -44,11 +44,12 @@ class DynUNetMultiScale(MultiScaleModel):
         return nn.ModuleList([self.net.input_block, self.net.downsamples, self.net.bottleneck])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if any(size % self.divisor for size in x.shape[2:]):
+        sizes = x.shape[2:]
+        if any(size % self.divisor for size in sizes) or max(sizes) < 2 * self.divisor:
             raise FusionSearchError(
-                f"dynunet with {len(self.net.strides)} levels needs input sizes divisible by {self.divisor}, got an "
-                f"input of shape {tuple(x.shape)}. Use a training size (or patch size) that is a multiple of "
-                f"{self.divisor}, or fewer levels."
+                f"dynunet with {len(self.net.strides)} levels needs input sizes divisible by {self.divisor}, one of "
+                f"them at least {2 * self.divisor} (so the bottleneck keeps more than one voxel); got an input of "
+                f"shape {tuple(x.shape)}. Use a training size (or patch size) that fits, or fewer levels."
             )
         finest = self.net.output_block(self.net.skip_layers(x))
         supervision = list(self.net.heads)  # heads[0] is the finest deep-supervision map

@@ -112,13 +112,14 @@ class LGAG(nn.Module):
         inner = max(1, channels // 2)
         groups = inner  # each group sees channels // inner inputs: cheap, yet spatially wide
         padding = kernel_size // 2
+        # no convolution biases: each is followed by a BatchNorm, whose shift makes them redundant
         self.gate_conv = nn.Sequential(
-            nn.Conv2d(channels, inner, kernel_size, padding=padding, groups=groups), nn.BatchNorm2d(inner)
+            nn.Conv2d(channels, inner, kernel_size, padding=padding, groups=groups, bias=False), nn.BatchNorm2d(inner)
         )
         self.skip_conv = nn.Sequential(
-            nn.Conv2d(channels, inner, kernel_size, padding=padding, groups=groups), nn.BatchNorm2d(inner)
+            nn.Conv2d(channels, inner, kernel_size, padding=padding, groups=groups, bias=False), nn.BatchNorm2d(inner)
         )
-        self.attention = nn.Sequential(nn.Conv2d(inner, 1, 1), nn.BatchNorm2d(1), nn.Sigmoid())
+        self.attention = nn.Sequential(nn.Conv2d(inner, 1, 1, bias=False), nn.BatchNorm2d(1), nn.Sigmoid())
 
     def forward(self, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         mixed = F.relu(self.gate_conv(gate) + self.skip_conv(skip))

@@ -25,10 +25,10 @@ _STAGES = 4  # EMCAD decodes the encoder's last four feature levels
 
 class GreyStem(nn.Sequential):
     """Maps ``in_channels`` (e.g. one grey CT/MR channel) to the 3 channels the encoder was built for:
-    a learnable 1x1 convolution, BN and ReLU."""
+    a learnable 1x1 convolution (no bias: the BN shifts), BN and ReLU."""
 
     def __init__(self, in_channels: int) -> None:
-        super().__init__(nn.Conv2d(in_channels, 3, 1), nn.BatchNorm2d(3), nn.ReLU(inplace=True))
+        super().__init__(nn.Conv2d(in_channels, 3, 1, bias=False), nn.BatchNorm2d(3), nn.ReLU(inplace=True))
 
 
 class PVTEMCAD(MultiScaleModel):
