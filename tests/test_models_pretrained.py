@@ -57,6 +57,27 @@ def test_pretrained_file_loads_the_saved_encoder_weights(tmp_path, model, encode
     assert "state_dict" not in built.encoder.pretrained_cfg  # no second copy of the weights kept alive
 
 
+def _original_pvt_key(timm_key: str) -> str:
+    """The official PVTv2 release's name for a timm key (block1.0 for stages.0.blocks.0, ...)."""
+    key = re.sub(r"^stages\.(\d+)\.blocks\.", lambda m: f"block{int(m[1]) + 1}.", timm_key)
+    key = re.sub(r"^stages\.(\d+)\.norm\.", lambda m: f"norm{int(m[1]) + 1}.", key)
+    key = re.sub(r"^stages\.(\d+)\.downsample\.", lambda m: f"patch_embed{int(m[1]) + 1}.", key)
+    key = re.sub(r"^patch_embed\.", "patch_embed1.", key)
+    return key.replace("mlp.dwconv.", "mlp.dwconv.dwconv.")
+
+
+def test_original_pvt_release_naming_is_converted_by_timm(tmp_path):
+    source = _timm_state("pvt_v2_b0", seed=0)
+    original = {_original_pvt_key(k): v for k, v in source.items()}
+    assert "block1.0.mlp.dwconv.dwconv.weight" in original and "patch_embed1.proj.weight" in original
+    path = tmp_path / "pvt_v2_b0.pth"
+    torch.save(original, path)
+    torch.manual_seed(1)
+    built = fs.build_model("pvt_emcad", num_classes=2, encoder="pvt_v2_b0", pretrained_file=path)
+    for key, value in built.encoder.state_dict().items():
+        assert torch.equal(value, source[_source_key(key)]), key
+
+
 def test_grey_input_adapts_the_first_convolution_by_summing_rgb(tmp_path):
     source = _timm_state("test_resnet", seed=0)
     path = tmp_path / "resnet.pth"
