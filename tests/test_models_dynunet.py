@@ -57,6 +57,15 @@ def test_inputs_the_network_cannot_take_are_explained(side):
         model(torch.randn(1, 1, side, side))
 
 
+def test_model_stays_deep_copyable_after_a_training_forward():
+    import copy
+
+    model = _build(2, [4, 8, 8, 16, 16], 4).train()
+    outputs = model(_input(2, 32))
+    clone = copy.deepcopy(model)  # e.g. to keep the best weights; fails if graph tensors stay attached
+    assert len(outputs) == 4 and len(clone.net.heads) == 3
+
+
 def test_dynunet_needs_deep_supervision():
     with pytest.raises(fs.ConfigError, match="num_outputs >= 2"):
         fs.build_model("dynunet", num_classes=2, num_outputs=1)

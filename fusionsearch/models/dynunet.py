@@ -25,6 +25,8 @@ from fusionsearch.models.base import MultiScaleModel
 from fusionsearch.models.blocks import check_spatial_dims
 from fusionsearch.registry import register_model
 
+_PLACEHOLDER = torch.empty(0)
+
 
 class DynUNetMultiScale(MultiScaleModel):
     """Wraps a deep-supervised ``monai.networks.nets.DynUNet``; outputs coarsest first."""
@@ -52,7 +54,11 @@ class DynUNetMultiScale(MultiScaleModel):
                 f"shape {tuple(x.shape)}. Use a training size (or patch size) that fits, or fewer levels."
             )
         finest = self.net.output_block(self.net.skip_layers(x))
-        supervision = list(self.net.heads)  # heads[0] is the finest deep-supervision map
+        stored = self.net.heads  # shared with the skip layers: mutate in place, never rebind
+        supervision = list(stored)  # stored[0] is the finest deep-supervision map
+        # Drop the network's references to this call's maps: frees them with the caller's graph and
+        # keeps the module deep-copyable (non-leaf tensors refuse deepcopy).
+        stored[:] = [_PLACEHOLDER] * len(stored)
         for head in supervision:
             if head.ndim != finest.ndim or head.shape[:2] != finest.shape[:2]:
                 raise RuntimeError("MONAI DynUNet did not fill its deep-supervision heads; unsupported MONAI version")
