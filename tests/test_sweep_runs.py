@@ -1,13 +1,23 @@
-"""Real Ray Tune sweeps on tiny phantoms: ASHA stopping, the exported best recipe, crashing trials.
+"""Real sweeps on tiny phantoms: Ray local (ASHA, best recipe, crashing trials), a killed driver resumed,
+a Ray cluster on loopback joined by address, and the Optuna backend with two worker processes.
 
-One local Ray (2 CPUs, no dashboard) is shared by the tests of this module and shut down at the end.
 Every trial is a real run of the bundled demo recipe (shrunk: 32 px phantoms, a 3-output small UNet).
+The in-process Ray tests share one local Ray (2 CPUs, no dashboard); the others drive the CLI in
+subprocesses that start (and the test stops) their own Ray.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +137,180 @@ def test_a_crashing_trial_is_retried_then_reported_failed_without_stopping_the_s
     attempts = (Path(failed["run_dir"]) / "attempts.log").read_text().splitlines()
     assert len(attempts) == 2 and all("started" in line for line in attempts)
     assert json.loads((Path(good["run_dir"]) / "trial_done.json").read_text())["last"]["epoch"] == 1
+
+
+# -- subprocess helpers --------------------------------------------------------------------------------
+def write_recipe(folder: Path, **changes) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(fs.load_recipe("demo", overrides={**TINY, **changes}).to_yaml(), encoding="utf-8")
+    return path
+
+
+def sweep_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fusionsearch.cli", "sweep", *args]
+
+
+def session_processes(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+        if int(fields[3]) == sid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL a subprocess started with start_new_session=True and everything it started (its Ray)."""
+    for pid in session_processes(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+def wait_for(condition, *, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended early:\n{log.read_text()[-3000:] if log else ''}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s:\n{log.read_text()[-3000:] if log else ''}")
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tmp_path):
+    recipe = write_recipe(tmp_path, epochs=3)
+    args = [str(recipe), "--data-root", str(data_root), "--num-samples", "3", "--max-concurrent", "1",
+            "--grace-period", "10", "--storage", str(tmp_path), "--name", "killed", "--quiet"]
+    runs, tune_dir = tmp_path / "killed" / "runs", tmp_path / "killed" / "tune"
+    log = tmp_path / "first.log"
+
+    def one_finished_and_the_next_checkpointed() -> bool:
+        done = list(runs.glob("*/trial_done.json"))
+        return len(done) == 1 and len(list(tune_dir.glob("trial_*/checkpoint_*"))) >= 2
+
+    with log.open("w") as handle:
+        driver = subprocess.Popen(sweep_command(*args), stdout=handle, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_for(one_finished_and_the_next_checkpointed, timeout=300, process=driver, log=log)
+    finally:
+        kill_session(driver)  # SIGKILL: no chance to save anything
+    finished = [d for d in runs.iterdir() if (d / "trial_done.json").is_file()]
+    interrupted = [d for d in runs.iterdir() if not (d / "trial_done.json").is_file()]
+    assert len(finished) == 1 and len(interrupted) == 1
+    stamp = (finished[0] / "trial_done.json").stat().st_mtime_ns
+
+    resumed = subprocess.run(sweep_command(*args, "--resume"), capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = read_rows(tmp_path / "killed" / "results.csv")
+    assert len(rows) == 3 and {r["status"] for r in rows} == {COMPLETED} and {r["epochs"] for r in rows} == {"3"}
+    # the finished trial was not run again
+    assert len((finished[0] / "attempts.log").read_text().splitlines()) == 1
+    assert (finished[0] / "trial_done.json").stat().st_mtime_ns == stamp
+    # the interrupted one continued from its checkpoint instead of starting over
+    attempts = (interrupted[0] / "attempts.log").read_text().splitlines()
+    assert len(attempts) == 2 and "resumed from the last checkpoint" in attempts[1]
+    assert [int(r["epoch"]) for r in read_rows(interrupted[0] / "history.csv")] == [1, 2, 3]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_the_sweep_joins_a_ray_cluster_on_loopback_by_address(data_root, tmp_path):
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
+    log = tmp_path / "head.log"
+    with log.open("w") as handle:
+        head = subprocess.Popen(
+            ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+             "--include-dashboard", "false", "--temp-dir", temp_dir, "--block"],
+            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_for(lambda: reachable(port), timeout=90, process=head, log=log)
+        recipe = write_recipe(tmp_path, epochs=1)
+        # 'ray start' enables token authentication; a driver joining by address opts in explicitly
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
+        done = subprocess.run(
+            sweep_command(str(recipe), "--address", f"127.0.0.1:{port}", "--num-samples", "2", "--data-root",
+                          str(data_root), "--storage", str(tmp_path), "--name", "cluster"),
+            capture_output=True, text=True, timeout=400, env=env,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert f"running on the Ray cluster at 127.0.0.1:{port}" in done.stdout
+        rows = read_rows(tmp_path / "cluster" / "results.csv")
+        assert len(rows) == 2 and {r["status"] for r in rows} == {COMPLETED}
+        # each trial ran in a worker process of the cluster started above: its logs are named by that pid
+        cluster_pids = {p.stem.rsplit("-", 1)[-1] for p in Path(temp_dir).glob("session_*/logs/worker-*")}
+        for row in rows:
+            attempt = (Path(row["run_dir"]) / "attempts.log").read_text().splitlines()[0]
+            assert attempt.split(" pid ")[1].split(":")[0] in cluster_pids
+    finally:
+        kill_session(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_the_optuna_backend_shares_one_journal_between_two_worker_processes(data_root, tmp_path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    result = fs.sweep(
+        "demo",
+        num_samples=4,
+        backend="optuna",
+        workers=2,
+        overrides=TINY,
+        data_root=data_root,
+        storage=tmp_path,
+        name="journal",
+        pruner="halving",
+        reduction_factor=2,
+        points=[{"optim.lr": GOOD_LR}, {"optim.lr": 3 * GOOD_LR}, {"optim.lr": BAD_LR}],
+        verbose=False,
+    )
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "journal" / "optuna.journal")))
+    trials = optuna.load_study(study_name="journal", storage=storage).trials
+    assert len(trials) == 4
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers)
+    # the weak point is pruned at its first epoch: two better values already sit on that rung
+    (bad,) = [t for t in trials if t.params["optim.lr"] == BAD_LR]
+    assert bad.state == optuna.trial.TrialState.PRUNED and list(bad.intermediate_values) == [1]
+    for trial in trials:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert sorted(trial.intermediate_values) == [1, 2]
+            assert trial.value == max(trial.intermediate_values.values())
+            history = read_rows(Path(trial.user_attrs["run_dir"]) / "history.csv")
+            assert [float(r["val_dice"]) for r in history] == pytest.approx(
+                [trial.intermediate_values[1], trial.intermediate_values[2]]
+            )
+    rows = {row["trial"]: row for row in result.table}
+    assert rows[f"{bad.number:04d}"]["status"] == STOPPED and rows[f"{bad.number:04d}"]["epochs"] == 1
+    best = max((t for t in trials if t.value is not None), key=lambda t: t.value)
+    assert result.table[0]["trial"] == f"{best.number:04d}"
+    assert fs.load_recipe(result.best_recipe_path).optim.lr == pytest.approx(best.params["optim.lr"])

@@ -89,12 +89,20 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         resolved = _resolve_auto() if target == "auto" else target
         check_reachable(resolved)
         try:
-            ray.init(address=resolved, log_to_driver=True)
+            # 'auto' stays 'auto' for Ray: only then does it pick up this machine's auth token by itself
+            ray.init(address=target if target == "auto" else resolved)
         except ConnectionError as exc:
+            auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
             raise ConfigError(
                 f"could not join the Ray cluster at {resolved}: {exc}",
                 field="--address",
-                fix="Check that the head node runs the same Ray and Python versions as this machine",
+                fix=(
+                    "Check that the head node runs the same Ray and Python versions as this machine"
+                    if auth
+                    else "If the cluster uses token authentication (the default of 'ray start' in recent Ray), "
+                    "set RAY_AUTH_MODE=token and give the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN); "
+                    "also check that the head runs the same Ray and Python versions as this machine"
+                ),
             ) from None
         description = f"the Ray cluster at {resolved}"
     else:
