@@ -98,6 +98,13 @@ def test_a_file_with_foreign_key_names_is_refused(tmp_path):
         fs.build_model("timm_unet", num_classes=2, in_channels=3, encoder="test_resnet", pretrained_file=str(path))
 
 
+def test_a_file_from_another_variant_is_refused(tmp_path):
+    path = tmp_path / "convnext2.pth"
+    torch.save(_timm_state("test_convnext2", seed=0), path)  # same key names, wider tensors
+    with pytest.raises(DataError, match=r"convnext2\.pth does not fit timm encoder 'test_convnext'.*size mismatch"):
+        fs.build_model("timm_unet", num_classes=2, in_channels=3, encoder="test_convnext", pretrained_file=str(path))
+
+
 @pytest.mark.parametrize(
     ("content", "error", "text"),
     [

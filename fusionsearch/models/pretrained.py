@@ -51,7 +51,14 @@ def create_timm_encoder(
     kwargs: dict[str, Any] = {"features_only": True, "in_chans": in_chans}
     if pretrained_file is not None:
         state = read_state_dict(pretrained_file)
-        encoder = _create(timm, name, pretrained=True, pretrained_cfg_overlay={"state_dict": dict(state)}, **kwargs)
+        try:
+            encoder = _create(timm, name, pretrained=True, pretrained_cfg_overlay={"state_dict": dict(state)}, **kwargs)
+        except RuntimeError as exc:  # torch's load_state_dict: tensors of the wrong shape
+            reason = " ".join(str(exc).split())[:500]
+            raise DataError(
+                f"The weights file {pretrained_file} does not fit timm encoder '{name}': {reason}. "
+                f"It was probably saved from another model variant; pick the matching 'encoder'."
+            ) from exc
         _check_loaded(encoder, state, name, Path(pretrained_file))
         encoder.pretrained_cfg.pop("state_dict", None)  # do not keep a second copy of the weights alive
         return encoder
@@ -77,9 +84,10 @@ def _env_flag(name: str) -> bool:
 def _create(timm: Any, name: str, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(name, **kwargs)
-    except (NotImplementedError, AttributeError) as exc:  # timm's answers for "no feature extraction"
+    except (AssertionError, NotImplementedError, TypeError, ValueError) as exc:  # how timm models refuse
         raise ConfigError(
-            f"timm model '{name}' cannot be used as an encoder ({exc})",
+            f"timm model '{name}' cannot be built as a features_only encoder with in_chans={kwargs.get('in_chans')} "
+            f"({type(exc).__name__}: {exc})",
             field="encoder",
             fix="Pick a timm model that supports features_only=True (CNNs, ConvNeXt, PVT v2, Swin, ...)",
         ) from exc
