@@ -193,7 +193,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tmp_path):
     recipe = write_recipe(tmp_path, epochs=3)
-    args = [str(recipe), "--data-root", str(data_root), "--num-samples", "3", "--max-concurrent", "1",
+    args = [str(recipe), "--data-root", str(data_root), "--num-samples", "2", "--max-concurrent", "1",
             "--grace-period", "10", "--storage", str(tmp_path), "--name", "killed", "--quiet"]
     runs, tune_dir = tmp_path / "killed" / "runs", tmp_path / "killed" / "tune"
     log = tmp_path / "first.log"
@@ -217,7 +217,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tm
     resumed = subprocess.run(sweep_command(*args, "--resume"), capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows = read_rows(tmp_path / "killed" / "results.csv")
-    assert len(rows) == 3 and {r["status"] for r in rows} == {COMPLETED} and {r["epochs"] for r in rows} == {"3"}
+    assert len(rows) == 2 and {r["status"] for r in rows} == {COMPLETED} and {r["epochs"] for r in rows} == {"3"}
     # the finished trial was not run again
     assert len((finished[0] / "attempts.log").read_text().splitlines()) == 1
     assert (finished[0] / "trial_done.json").stat().st_mtime_ns == stamp
@@ -314,3 +314,48 @@ def test_the_optuna_backend_shares_one_journal_between_two_worker_processes(data
     best = max((t for t in trials if t.value is not None), key=lambda t: t.value)
     assert result.table[0]["trial"] == f"{best.number:04d}"
     assert fs.load_recipe(result.best_recipe_path).optim.lr == pytest.approx(best.params["optim.lr"])
+
+
+def test_the_optuna_backend_resumes_the_trials_of_a_killed_worker(data_root, tmp_path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    recipe = write_recipe(tmp_path, epochs=3)
+    args = [str(recipe), "--backend", "optuna", "--pruner", "none", "--data-root", str(data_root), "--num-samples",
+            "2", "--storage", str(tmp_path), "--name", "study", "--quiet"]
+    runs = tmp_path / "study" / "runs"
+    log = tmp_path / "first.log"
+
+    def one_finished_and_the_next_checkpointed() -> bool:
+        return len(list(runs.glob("*/trial_done.json"))) == 1 and len(list(runs.glob("*/checkpoints/last.pt"))) == 2
+
+    with log.open("w") as handle:
+        worker = subprocess.Popen(sweep_command(*args), stdout=handle, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_for(one_finished_and_the_next_checkpointed, timeout=300, process=worker, log=log)
+    finally:
+        kill_session(worker)
+    (finished,) = [d for d in runs.iterdir() if (d / "trial_done.json").is_file()]
+    (interrupted,) = [d for d in runs.iterdir() if not (d / "trial_done.json").is_file()]
+
+    resumed = subprocess.run(sweep_command(*args, "--resume"), capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "re-queued 1 interrupted trial" in resumed.stdout
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "study" / "optuna.journal")))
+    trials = optuna.load_study(study_name="study", storage=storage).trials
+    states = [t.state for t in trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2 and len(trials) == 3  # + the killed attempt
+    (replacement,) = [t for t in trials if "resumes" in t.user_attrs]
+    assert replacement.user_attrs["run_dir"] == str(interrupted)
+    # its history spans the epochs before and after the kill, and matches the run directory's
+    history = read_rows(interrupted / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    assert [replacement.intermediate_values[e] for e in (1, 2, 3)] == pytest.approx(
+        [float(r["val_dice"]) for r in history]
+    )
+    assert len((finished / "attempts.log").read_text().splitlines()) == 1
+    attempts = (interrupted / "attempts.log").read_text().splitlines()
+    assert len(attempts) == 2 and "resumed from the last checkpoint" in attempts[1]
+    rows = read_rows(tmp_path / "study" / "results.csv")
+    assert len(rows) == 2 and {r["status"] for r in rows} == {COMPLETED}
