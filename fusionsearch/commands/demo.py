@@ -23,6 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, metavar="N", help="training epochs per run (default: the demo recipe's)")
 
 
+def ensure_phantoms(data_root: Path) -> bool:
+    """Write the demo's Synapse-form phantoms under ``data_root`` unless a dataset is already there."""
+    from fusionsearch.data.phantoms import make_synapse
+
+    if (data_root / "train_npz").is_dir():
+        return False
+    make_synapse(data_root, **PHANTOMS)
+    return True
+
+
 def top_weights(log: object, row: int, count: int = 5) -> list[tuple[str, float]]:
     """The ``count`` largest effective weights of a term log row (0 = at the start)."""
     import numpy as np
@@ -33,7 +43,6 @@ def top_weights(log: object, row: int, count: int = 5) -> list[tuple[str, float]
 
 
 def run(args: argparse.Namespace) -> int:
-    from fusionsearch.data.phantoms import make_synapse
     from fusionsearch.errors import ConfigError
     from fusionsearch.recipe import load_recipe
     from fusionsearch.report import read_terms
@@ -44,9 +53,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     output = Path(args.output).expanduser().resolve()
     data_root = output / "data"
-    if not (data_root / "train_npz").is_dir():
-        print(f"writing Synapse-form phantoms to {data_root}")
-        make_synapse(data_root, **PHANTOMS)
+    if ensure_phantoms(data_root):
+        print(f"wrote Synapse-form phantoms to {data_root}")
     overrides: dict[str, object] = {"data.root": str(data_root)}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
