@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,22 @@ def test_unreachable_address_fails_within_seconds(capsys, tmp_path):
 def test_bad_options_are_refused(capsys, tmp_path, args, words):
     code, err, _, _ = sweep_cli(capsys, "demo", "--data-root", str(tmp_path), "--storage", str(tmp_path), *args)
     assert code == 2 and words in err and "Traceback" not in err
+
+
+def doc_tune_blocks() -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sweeps.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    return [b for b in blocks if b.startswith("tune:")]
+
+
+@pytest.mark.parametrize("block", doc_tune_blocks())
+def test_the_documented_tune_examples_are_valid_sweeps(block, tmp_path):
+    import yaml
+
+    from fusionsearch.recipe import load_recipe
+    from fusionsearch.sweep.plan import SweepPlan
+
+    tune = yaml.safe_load(block)["tune"]
+    recipe = load_recipe("demo", overrides={"tune": tune, "space.tune": {}})
+    plan = SweepPlan.from_recipe(recipe, metric="val_dice", mode="max", sweep_dir=tmp_path)
+    assert sorted(plan.space.paths) == sorted(tune)
