@@ -92,3 +92,25 @@ def test_the_documented_tune_examples_are_valid_sweeps(block, tmp_path):
     recipe = load_recipe("demo", overrides={"tune": tune, "space.tune": {}})
     plan = SweepPlan.from_recipe(recipe, metric="val_dice", mode="max", sweep_dir=tmp_path)
     assert sorted(plan.space.paths) == sorted(tune)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ([], "a sweep already exists"),
+        (["--resume", "--num-samples", "5"], "started with 4 trials"),
+        (["--resume", "--backend", "optuna"], "was run with the ray backend"),
+        (["--resume", "--num-samples", "4", "--set", "optim.weight_decay=0.01"], "different recipe"),
+    ],
+)
+def test_an_existing_sweep_is_continued_only_as_it_was_started(capsys, tmp_path, args, words):
+    from fusionsearch.recipe import load_recipe
+    from fusionsearch.sweep.plan import SweepPlan
+
+    data = tmp_path / "data"
+    data.mkdir()
+    recipe = load_recipe("demo", overrides={"data.root": str(data)})
+    plan = SweepPlan.from_recipe(recipe, metric="val_dice", mode="max", sweep_dir=tmp_path / "demo")
+    plan.write({"backend": "ray", "num_samples": 4, "seed": 0, "storage": None})
+    code, err, _, _ = sweep_cli(capsys, "demo", "--data-root", str(data), "--storage", str(tmp_path), *args)
+    assert code == 2 and words in err and "Traceback" not in err

@@ -85,7 +85,7 @@ def sweep(
     plan = SweepPlan.from_recipe(recipe, metric=metric, mode=mode, sweep_dir=sweep_dir)
     for point in points or []:
         plan.space.encode(point)  # unknown paths are an error now, not in a trial
-    _check_folder(plan, backend=backend, resume=resume)
+    _check_folder(plan, backend=backend, resume=resume, num_samples=num_samples)
     plan.write({"backend": backend, "num_samples": num_samples, "seed": seed, "storage": rdb_url})
     say = print if verbose else _silent
     say(f"sweep '{name}' ({backend}) in {sweep_dir}: {num_samples} trials, {metric} ({mode}), searching")
@@ -174,7 +174,7 @@ def _absolute_paths(recipe: Any) -> Any:
     return recipe.with_overrides(changes) if changes else recipe
 
 
-def _check_folder(plan: SweepPlan, *, backend: str, resume: bool) -> None:
+def _check_folder(plan: SweepPlan, *, backend: str, resume: bool, num_samples: int) -> None:
     exists = (plan.path / PLAN_FILE).is_file()
     if resume and not exists:
         raise ConfigError(
@@ -195,6 +195,14 @@ def _check_folder(plan: SweepPlan, *, backend: str, resume: bool) -> None:
                 f"the sweep in {plan.path} was run with the {saved.get('backend')} backend",
                 field="--backend",
                 fix=f"Continue it with --backend {saved.get('backend')}, or start another with a different --name",
+            )
+        if backend == "ray" and saved.get("num_samples") != num_samples:
+            raise ConfigError(
+                f"the sweep in {plan.path} was started with {saved.get('num_samples')} trials; a resumed Ray Tune "
+                f"experiment keeps its number of trials",
+                field="--num-samples",
+                fix=f"Resume with --num-samples {saved.get('num_samples')}, or start another sweep with a different "
+                "--name (the optuna backend can extend a study)",
             )
 
 
