@@ -15,7 +15,9 @@ floor            K separate single-term beta*CE + gamma*Dice losses with plain a
 Every variant runs in a fresh Python process. Peak memory is the growth of the process's resident
 set during the first forward+backward (the kernel's high-water mark is reset to the current RSS
 just before it, via /proc/self/clear_refs), so it counts everything the step touches, including
-the gradients of the inputs. Time is the median over ``--repeats`` steps after ``--warmup`` steps.
+the gradients of the inputs. Time is the median over ``--repeats`` steps after ``--warmup`` steps:
+wall-clock, and the process's CPU time (user + system, all threads), which is less disturbed by
+other processes on a shared machine.
 
     python benchmarks/cmm.py                      # the full-size table (a few minutes on 2 cores)
     python benchmarks/cmm.py --batch 2 --size 64 --repeats 3
@@ -196,17 +198,19 @@ def run_worker(args: argparse.Namespace) -> dict:
     peak_kb = _status_kb("VmHWM") - before_kb
     for _ in range(args.warmup):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
     return {
         "variant": args.worker,
         "K": k,
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
+        "cpu_s": statistics.median(cpu_times),
         "first_s": first_s,
         "peak_mb": peak_kb / 1024,
         "threads": torch.get_num_threads(),
@@ -225,15 +229,19 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
 def format_table(results: list[dict]) -> str:
     floor = next((r for r in results if r["variant"] == "floor"), None)
-    header = f"{'variant':<16} {'fwd+bwd median s':>16} {'(min..max)':>16} {'x floor':>8} {'peak MB':>9} {'x floor':>8}"
+    header = (
+        f"{'variant':<16} {'fwd+bwd median s':>16} {'(min..max)':>16} {'x floor':>8} "
+        f"{'CPU s':>7} {'x floor':>8} {'peak MB':>8} {'x floor':>8}"
+    )
     lines = [header, "-" * len(header)]
     for r in results:
         time_ratio = f"{r['median_s'] / floor['median_s']:.2f}" if floor else "-"
+        cpu_ratio = f"{r['cpu_s'] / floor['cpu_s']:.2f}" if floor else "-"
         memory_ratio = f"{r['peak_mb'] / floor['peak_mb']:.2f}" if floor else "-"
         spread = f"({r['min_s']:.3f}..{r['max_s']:.3f})"
         lines.append(
             f"{r['variant']:<16} {r['median_s']:>16.3f} {spread:>16} {time_ratio:>8} "
-            f"{r['peak_mb']:>9.0f} {memory_ratio:>8}"
+            f"{r['cpu_s']:>7.2f} {cpu_ratio:>8} {r['peak_mb']:>8.0f} {memory_ratio:>8}"
         )
     return "\n".join(lines)
 
