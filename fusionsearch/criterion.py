@@ -63,21 +63,26 @@ class Criterion(nn.Module):
         return self.graph.names
 
     def forward(self, logits: Sequence[Tensor], target: Tensor) -> CriterionOutput:
-        mixed = self.mix(logits, size=self._target_size(target))
-        with torch.autocast(device_type=mixed.device.type, enabled=False):
-            losses = self.term_loss(mixed, target)
+        stacked = self.mixer.stack(self._resized(logits, self._target_size(target)))
+        with torch.autocast(device_type=stacked.device.type, enabled=False):
+            # Each block of terms is scored as soon as it is mixed: the same per-term losses as
+            # term_loss(mix(logits)), without allocating and copying the whole [K, B, C, *S] tensor.
+            blocks = [self.term_loss(block, target) for block in self.mixer.iter_parts(stacked)]
+            losses = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
             total, weights = self.weighting(losses)
         return CriterionOutput(total=total, terms=self.terms, losses=losses, weights=weights)
 
     def mix(self, logits: Sequence[Tensor], size: Sequence[int] | None = None) -> Tensor:
         """All K terms, Tensor[K, B, C, *S]; the used logits are first resized to ``size`` if given."""
+        return self.mixer(self._resized(logits, size))
+
+    def _resized(self, logits: Sequence[Tensor], size: Sequence[int] | None) -> list[Tensor]:
         items = check_logits_count(logits, self.graph)
-        if size is not None:
-            items = [
-                resize_logits(item, size) if scale in self.mixer.used_scales else item
-                for scale, item in enumerate(items)
-            ]
-        return self.mixer(items)
+        if size is None:
+            return items
+        return [
+            resize_logits(item, size) if scale in self.mixer.used_scales else item for scale, item in enumerate(items)
+        ]
 
     @torch.no_grad()
     def effective_weights(self) -> Tensor:

@@ -4,8 +4,9 @@ The logits of the scales the graph uses are stacked once into ``[L', B, C, *S]``
 are that stack itself (or one ``index_select`` of it when only some scales are supervised); all
 subsets of one size are gathered with one ``index_select`` into ``[n_subsets, k, B, C, *S]``
 (shared by the operators that use the same subsets), and each (operator, size) group calls its
-operator once on it. The pieces are concatenated in term
-order. There is no Python loop over terms and nothing is read back to the host.
+operator once on it. The blocks are concatenated in term order, or handed one by one to the
+criterion, which scores each block as it comes and so never allocates the whole ``[K, B, C, *S]``.
+There is no Python loop over terms and nothing is read back to the host.
 
 Mixing runs with autocast disabled, in float32 for half-precision inputs (float64 stays float64):
 a ``mul`` of five logits of magnitude 30 is about 2.4e7, far beyond float16's 65504.
@@ -13,7 +14,7 @@ a ``mul`` of five logits of magnitude 30 is about 2.4e7, far beyond float16's 65
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,18 +72,25 @@ class Mixer(nn.Module):
     def forward(self, logits: Sequence[Tensor]) -> Tensor:
         stacked = self.stack(logits)
         with torch.autocast(device_type=stacked.device.type, enabled=False):
-            parts = []
-            if self.graph.originals:
-                parts.append(stacked if self._originals_are_stack else stacked.index_select(0, self.original_index))
-            gathered: dict[int, Tensor] = {}
-            for gather, group, operator in zip(
-                self._gather_of_group, self.graph.groups, self.operators.values(), strict=True
-            ):
-                if gather not in gathered:
-                    members = stacked.index_select(0, getattr(self, f"gather_index_{gather}"))
-                    gathered[gather] = members.view(group.n_subsets, group.size, *stacked.shape[1:])
-                parts.append(operator(gathered[gather]))
+            parts = list(self.iter_parts(stacked))
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def iter_parts(self, stacked: Tensor) -> Iterator[Tensor]:
+        """The terms in order, as consecutive blocks ``[n, B, C, *S]``: the originals, then one per group.
+
+        ``stacked`` comes from :meth:`stack`; run this with autocast disabled. A consumer that scores
+        each block as it comes (the criterion) never needs the whole ``[K, B, C, *S]`` tensor at once.
+        """
+        if self.graph.originals:
+            yield stacked if self._originals_are_stack else stacked.index_select(0, self.original_index)
+        gathered: dict[int, Tensor] = {}
+        for gather, group, operator in zip(
+            self._gather_of_group, self.graph.groups, self.operators.values(), strict=True
+        ):
+            if gather not in gathered:
+                members = stacked.index_select(0, getattr(self, f"gather_index_{gather}"))
+                gathered[gather] = members.view(group.n_subsets, group.size, *stacked.shape[1:])
+            yield operator(gathered[gather])
 
     def stack(self, logits: Sequence[Tensor]) -> Tensor:
         """Check the logits and stack the used scales into ``[L', B, C, *S]`` in the mixing dtype."""

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fusionsearch.operator_api import FusionOperator
 from fusionsearch.registry import register_operator
@@ -40,12 +41,42 @@ class Concat(FusionOperator):
 
     def forward(self, x: Tensor) -> Tensor:
         n, k, b, c = x.shape[:4]
-        copies = self.weight.shape[0]
-        # The channel concat of the members, laid out [n, B, k*C, S] (member-major, as torch.cat gives).
-        stacked_channels = x.reshape(n, k, b, c, -1).transpose(1, 2).reshape(n, b, k * c, -1)
-        out = torch.matmul(self.weight.view(copies, 1, c, k * c), stacked_channels)
-        out = out.add_(self.bias.view(copies, 1, c, 1))  # in place: matmul's backward does not need its output
+        out = ConcatConv.apply(x.reshape(n, k, b, c, -1), self.weight, self.bias)
         return out.view(n, *x.shape[2:])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", share={self.share!r}"
+
+
+class ConcatConv(torch.autograd.Function):
+    """``(x [n,k,B,C,S], weight [g,C,k,C], bias [g,C]) -> [n,B,C,S]``, g = n (per subset) or 1 (shared).
+
+    The members' channels are laid out once as ``[n, B, k*C, S]`` (member-major, as torch.cat gives)
+    and multiplied by the ``[C, k*C]`` weight in one batched matmul. The backward returns the input
+    gradient in that same layout, viewed as ``[n, k, B, C, S]``, instead of copying it back.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        n, k, b, c, s = x.shape
+        copies = weight.shape[0]
+        channels = x.transpose(1, 2).reshape(n, b, k * c, s)
+        out = torch.matmul(weight.view(copies, 1, c, k * c), channels)
+        out.add_(bias.view(copies, 1, c, 1))
+        ctx.save_for_backward(channels, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        channels, weight = ctx.saved_tensors
+        n, b, kc, s = channels.shape
+        copies, c, k = weight.shape[:3]
+        flat_weight = weight.view(copies, 1, c, kc)
+        grad_channels = torch.matmul(flat_weight.transpose(2, 3), grad)  # [n, B, k*C, S]
+        grad_x = grad_channels.view(n, b, k, c, s).transpose(1, 2)  # a view: no copy back
+        grad_weight = torch.matmul(grad, channels.transpose(2, 3)).sum(dim=1)  # [n, C, k*C]
+        grad_bias = grad.sum(dim=(1, 3))  # [n, C]
+        if copies == 1:
+            grad_weight, grad_bias = grad_weight.sum(0, keepdim=True), grad_bias.sum(0, keepdim=True)
+        return grad_x, grad_weight.view_as(weight) if copies > 1 else grad_weight.view(weight.shape), grad_bias

@@ -13,6 +13,9 @@ import operator as py_operator
 import pytest
 import torch
 import torch.nn.functional as F
+from fusionsearch.operators.awf import AttentionWeightedSum
+from fusionsearch.operators.concat import ConcatConv
+from fusionsearch.operators.mul import MemberProduct
 
 import fusionsearch as fs
 from fusionsearch.compile import compile_space
@@ -113,6 +116,29 @@ def test_mixer_matches_naive_loop(name, options, num_scales, dims):
     want = torch.autograd.grad((expected * upstream).sum(), logits + params)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("copies", ["shared", "per_subset"])
+@pytest.mark.parametrize("function", ["mul", "awf", "concat"])
+def test_analytic_backward_passes_gradcheck(function, copies):
+    torch.manual_seed(11)
+    n, k, b, c, s = 3, 3, 2, 2, 5
+    g = 1 if copies == "shared" else n
+    x = torch.randn(n, k, b, c, s, dtype=torch.float64, requires_grad=True)
+    if function == "mul":
+        inputs, apply = (x,), MemberProduct.apply
+    elif function == "awf":
+        inputs, apply = (
+            (x, torch.randn(g, k, c, dtype=torch.float64), torch.randn(g, k, dtype=torch.float64)),
+            (AttentionWeightedSum.apply),
+        )
+    else:
+        inputs, apply = (
+            (x, torch.randn(g, c, k, c, dtype=torch.float64), torch.randn(g, c, dtype=torch.float64)),
+            (ConcatConv.apply),
+        )
+    inputs = tuple(t.requires_grad_() for t in inputs)
+    assert torch.autograd.gradcheck(apply, inputs)
 
 
 def test_parametric_operators_own_the_documented_parameters():
