@@ -248,7 +248,9 @@ def _run_backend(plan: SweepPlan, *, backend: str, **options: Any) -> list[Trial
     )
     if options["points"]:
         _enqueue_points(plan, settings, options["points"], resume=options["resume"])
-    return run_optuna(plan, settings, workers=options["workers"], resume=options["resume"])
+    return run_optuna(
+        plan, settings, workers=options["workers"], resume=options["resume"], progress=options["verbose"]
+    )
 
 
 def _enqueue_points(plan: SweepPlan, settings: Any, points: list[dict[str, Any]], *, resume: bool) -> None:

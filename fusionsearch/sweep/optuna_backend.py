@@ -247,14 +247,19 @@ def _worker_process(plan: SweepPlan, settings: OptunaSettings, index: int, devic
         pass
 
 
-def run_optuna(plan: SweepPlan, settings: OptunaSettings, *, workers: int, resume: bool) -> list[TrialRecord]:
-    """Run ``workers`` workers (in this process when 1) and return the records of the whole study."""
+def run_optuna(
+    plan: SweepPlan, settings: OptunaSettings, *, workers: int, resume: bool, progress: bool = True
+) -> list[TrialRecord]:
+    """Run ``workers`` workers (in this process when 1) and return the records of the whole study.
+
+    ``progress`` shows the runner's progress bars when the single worker runs in this process.
+    """
     if resume:
         count = requeue_dead_trials(plan, settings)
         if count:
             print(f"re-queued {count} interrupted trial(s); they continue from their checkpoints")
     if workers <= 1:
-        worker(plan, settings)
+        worker(plan, settings, progress=progress)
     else:
         devices = _devices()
         context = multiprocessing.get_context("spawn")

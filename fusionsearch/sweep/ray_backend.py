@@ -198,6 +198,8 @@ def run_ray(
                 num_samples=num_samples,
                 max_concurrent_trials=max_concurrent,
                 trial_dirname_creator=_trial_dirname,
+                # a finished trial's worker process runs the next trial: no new Python + torch import per trial
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=EXPERIMENT,
