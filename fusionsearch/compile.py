@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class Graph:
     originals: tuple[int, ...]
     """Scales supervised as originals, in term order (the first ``len(originals)`` terms)."""
     groups: tuple[TermGroup, ...]
-    source: str = field(default="<search space>", compare=False)
 
     @property
     def K(self) -> int:  # noqa: N802  (the paper's symbol)
@@ -113,7 +112,7 @@ def compile_space(space: SearchSpace | str | Path, num_scales: int, num_classes:
             members = tuple(members)
             groups.append(TermGroup(op.name, dict(op.options), size, members, start=len(terms)))
             terms.extend(Term(fused_name(op.name, m), op.name, m) for m in members)
-    return Graph(terms, num_scales, num_classes, spatial_dims, originals, tuple(groups), source)
+    return Graph(terms, num_scales, num_classes, spatial_dims, originals, tuple(groups))
 
 
 def _check_dimensions(num_scales: int, num_classes: int, spatial_dims: int, source: str) -> None:

@@ -65,10 +65,6 @@ class Mixer(nn.Module):
             index = torch.tensor([[position[s] for s in subset] for subset in subsets], dtype=torch.long)
             self.register_buffer(f"gather_index_{i}", index.reshape(-1), persistent=False)
 
-    @property
-    def num_terms(self) -> int:
-        return self.graph.K
-
     def forward(self, logits: Sequence[Tensor]) -> Tensor:
         stacked = self.stack(logits)
         with torch.autocast(device_type=stacked.device.type, enabled=False):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_operators import naive_mix
+from test_mixer import naive_mix
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusionsearch as fs

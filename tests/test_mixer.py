@@ -1,0 +1,162 @@
+"""The vectorised mixer vs. an independent per-term loop, for every built-in operator.
+
+The reference here fuses one subset at a time with the textbook formula (torch.cat + a 1x1
+convolution for concat, one score convolution per member + softmax for awf, a running sum or
+product for the rest), reading the operator modules' parameters in their documented layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator as py_operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusionsearch.compile import compile_space
+from fusionsearch.errors import FusionSearchError
+from fusionsearch.mixer import Mixer
+from fusionsearch.spec import SearchSpace
+
+BATCH, CLASSES = 2, 3
+SPATIAL = {2: (5, 4), 3: (3, 4, 2)}
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution with F.conv2d / F.conv3d; weight [C_out, C_in]."""
+    dims = x.dim() - 2
+    conv = F.conv2d if dims == 2 else F.conv3d
+    return conv(x, weight.reshape(*weight.shape, *([1] * dims)), bias)
+
+
+def _naive_concat(members, module, position):
+    copy = position if module.weight.shape[0] > 1 else 0
+    c_out = module.weight.shape[1]
+    weight = module.weight[copy].reshape(c_out, -1)  # [C, k*C]: member-major input channels
+    return _conv(torch.cat(members, dim=1), weight, module.bias[copy])
+
+
+def _naive_awf(members, module, position):
+    copy = position if module.weight.shape[0] > 1 else 0
+    scores = [
+        _conv(member, module.weight[copy, j].unsqueeze(0), module.bias[copy, j : j + 1])
+        for j, member in enumerate(members)
+    ]
+    attention = torch.softmax(torch.cat(scores, dim=1), dim=1)
+    return sum(attention[:, j : j + 1] * member for j, member in enumerate(members))
+
+
+NAIVE = {
+    "add": lambda members, module, position: functools.reduce(py_operator.add, members),
+    "mul": lambda members, module, position: functools.reduce(py_operator.mul, members),
+    "mean": lambda members, module, position: functools.reduce(py_operator.add, members) / len(members),
+    "max": lambda members, module, position: functools.reduce(torch.maximum, members),
+    "concat": _naive_concat,
+    "awf": _naive_awf,
+}
+
+
+def naive_mix(mixer: Mixer, logits: list[torch.Tensor]) -> torch.Tensor:
+    """All K terms, one at a time, in the order of the graph's term list."""
+    graph = mixer.graph
+    modules = dict(zip([(g.operator, g.size) for g in graph.groups], mixer.operators.values(), strict=True))
+    terms = []
+    for term in graph.terms:
+        members = [logits[s] for s in term.scales]
+        if term.is_original:
+            terms.append(members[0])
+            continue
+        group = next(g for g in graph.groups if g.operator == term.operator and g.size == len(term.scales))
+        position = group.subsets.index(term.scales)
+        terms.append(NAIVE[term.operator](members, modules[(term.operator, group.size)], position))
+    return torch.stack(terms)
+
+
+def random_logits(num_scales: int, dims: int, dtype=torch.float64, scale: float = 1.0) -> list[torch.Tensor]:
+    return [
+        (scale * torch.randn(BATCH, CLASSES, *SPATIAL[dims], dtype=dtype)).requires_grad_() for _ in range(num_scales)
+    ]
+
+
+OPERATOR_CASES = [
+    ("add", {}),
+    ("mul", {}),
+    ("mean", {}),
+    ("max", {}),
+    ("concat", {}),
+    ("concat", {"share": "size"}),
+    ("awf", {}),
+    ("awf", {"share": "subset"}),
+]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("num_scales", [2, 3, 4, 5])
+@pytest.mark.parametrize(("name", "options"), OPERATOR_CASES, ids=lambda v: str(v) if v else "default")
+def test_mixer_matches_naive_loop(name, options, num_scales, dims):
+    torch.manual_seed(1000 * num_scales + dims)
+    space = SearchSpace.from_dict({"operators": [{"name": name, **options}], "include_originals": True})
+    mixer = Mixer(compile_space(space, num_scales, CLASSES, dims)).double()
+    logits = random_logits(num_scales, dims)
+    params = list(mixer.parameters())
+
+    mixed = mixer(logits)
+    expected = naive_mix(mixer, logits)
+    assert mixed.shape == (num_scales + 2**num_scales - 1 - num_scales, BATCH, CLASSES, *SPATIAL[dims])
+    torch.testing.assert_close(mixed, expected, rtol=1e-12, atol=1e-12)
+
+    upstream = torch.randn_like(mixed)
+    got = torch.autograd.grad((mixed * upstream).sum(), logits + params)
+    want = torch.autograd.grad((expected * upstream).sum(), logits + params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("num_scales", [3, 4])
+def test_all_operators_in_one_mixer_share_gathers(num_scales, dims):
+    torch.manual_seed(num_scales + 10 * dims)
+    operators = ["add", "mul", {"name": "awf", "share": "subset"}, "concat", "mean", "max"]
+    space = SearchSpace.from_dict({"scales": "all", "operators": operators})
+    mixer = Mixer(compile_space(space, num_scales, CLASSES, dims)).double()
+    gathers = {name for name, _ in mixer.named_buffers() if name.startswith("gather_index_")}
+    assert len(gathers) == num_scales - 1  # one per subset size, shared by the six operators
+    logits = random_logits(num_scales, dims)
+    params = list(mixer.parameters())
+    mixed, expected = mixer(logits), naive_mix(mixer, logits)
+    torch.testing.assert_close(mixed, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(mixed)
+    got = torch.autograd.grad((mixed * upstream).sum(), logits + params)
+    want = torch.autograd.grad((expected * upstream).sum(), logits + params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
+
+
+def test_mixer_uses_only_selected_scales():
+    space = SearchSpace.from_dict({"scales": [1, 3], "operators": ["mul"]})
+    mixer = Mixer(compile_space(space, 4, CLASSES, 2)).double()
+    logits = random_logits(4, 2)
+    logits[0] = torch.zeros(1, 1, 1, 1, requires_grad=True)  # unused: any shape is accepted
+    mixed = mixer(logits)
+    torch.testing.assert_close(mixed, torch.stack([logits[1], logits[3], logits[1] * logits[3]]))
+    mixed.sum().backward()
+    assert logits[0].grad is None and logits[2].grad is None
+
+
+def test_mixer_rejects_mismatched_logits():
+    mixer = Mixer(compile_space(SearchSpace.from_dict({"operators": ["add"]}), 3, CLASSES, 2))
+    logits = random_logits(3, 2, torch.float32)
+    with pytest.raises(FusionSearchError, match="Expected 3 logit tensors"):
+        mixer(logits[:2])
+    with pytest.raises(FusionSearchError, match="P1 has shape"):
+        mixer([logits[0], logits[1][:, :2], logits[2]])
+    with pytest.raises(FusionSearchError, match="list of 3 tensors"):
+        mixer(torch.stack(logits))
+
+
+def test_mixer_refuses_a_precision_mismatch():
+    mixer = Mixer(compile_space(SearchSpace.from_dict({"operators": ["concat"]}), 2, CLASSES, 2))
+    with pytest.raises(FusionSearchError, match=r"parameters are torch.float32 .* mixed in torch.float64"):
+        mixer(random_logits(2, 2))
+    assert mixer(random_logits(2, 2, torch.float16)).dtype == torch.float32
