@@ -24,7 +24,7 @@ import pytest
 
 import fusionsearch as fs
 from fusionsearch.data.phantoms import make_synapse
-from fusionsearch.sweep.results import COMPLETED, FAILED, STOPPED
+from fusionsearch.sweep.results import COMPLETED, FAILED, RUNNING, STOPPED
 
 # the demo recipe made tiny; only the learning rate is searched unless a test says otherwise
 TINY = {
@@ -225,6 +225,37 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tm
     attempts = (interrupted[0] / "attempts.log").read_text().splitlines()
     assert len(attempts) == 2 and "resumed from the last checkpoint" in attempts[1]
     assert [int(r["epoch"]) for r in read_rows(interrupted[0] / "history.csv")] == [1, 2, 3]
+
+
+def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(data_root, tmp_path):
+    recipe = write_recipe(tmp_path, epochs=1)
+    args = [str(recipe), "--data-root", str(data_root), "--num-samples", "3", "--max-concurrent", "1",
+            "--grace-period", "10", "--storage", str(tmp_path), "--name", "ctrl-c"]
+    runs = tmp_path / "ctrl-c" / "runs"
+    log = tmp_path / "first.log"
+    with log.open("w") as handle:
+        driver = subprocess.Popen(sweep_command(*args), stdout=handle, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        # trials run one at a time: once the second has started, Ray has recorded the first as finished
+        wait_for(lambda: len(list(runs.glob("*/trial_done.json"))) >= 1 and len(list(runs.iterdir())) >= 2,
+                 timeout=300, process=driver, log=log)
+        driver.send_signal(signal.SIGINT)
+        code = driver.wait(timeout=120)
+    finally:
+        kill_session(driver)
+    output = log.read_text()
+    assert code == 130 and "did not finish: continue with --resume" in output and "Traceback" not in output
+    first = {r["trial"]: r["status"] for r in read_rows(tmp_path / "ctrl-c" / "results.csv")}
+    assert COMPLETED in first.values() and RUNNING in first.values()
+
+    resumed = subprocess.run(sweep_command(*args, "--resume", "--quiet"), capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = read_rows(tmp_path / "ctrl-c" / "results.csv")
+    assert len(rows) == 3 and {r["status"] for r in rows} == {COMPLETED}
+    for trial, status in first.items():  # what finished before Ctrl-C ran once
+        if status == COMPLETED:
+            assert len((runs / f"trial_{trial}" / "attempts.log").read_text().splitlines()) == 1
 
 
 def free_port() -> int:

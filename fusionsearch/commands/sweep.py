@@ -76,4 +76,6 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.quiet:
         print(result.format())
+    if result.interrupted:
+        return 130  # as for Ctrl-C elsewhere: the sweep did not finish
     return 0 if result.best_trial is not None else 1

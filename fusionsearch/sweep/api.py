@@ -104,11 +104,15 @@ def sweep(
     except KeyboardInterrupt:
         say(f"\ninterrupted: continue with the same command and --resume (sweep folder {sweep_dir})")
         raise
-    result = finish(plan, records)
+    unfinished = sum(1 for record in records if record.status == RUNNING)
+    # Ray returns from an interrupted run; the optuna backend raises instead, so its running trials
+    # belong to other workers that still train them
+    result = finish(plan, records, interrupted=backend == "ray" and unfinished > 0)
     say(result.format())
-    unfinished = sum(1 for row in result.table if row["status"] == RUNNING)
-    if unfinished:
+    if result.interrupted:
         say(f"{unfinished} trial(s) did not finish: continue with --resume")
+    elif unfinished:
+        say(f"{unfinished} trial(s) are still running in other workers of this study")
     say(f"results: {result.csv_path}\nplot: {result.plot_path}")
     if result.best_recipe_path:
         say(f"best recipe: {result.best_recipe_path}  (fusionsearch run {result.best_recipe_path})")
@@ -263,7 +267,7 @@ def _enqueue_points(plan: SweepPlan, settings: Any, points: list[dict[str, Any]]
         study.enqueue_trial(plan.space.encode(point))
 
 
-def finish(plan: SweepPlan, records: list[TrialRecord]) -> SweepResult:
+def finish(plan: SweepPlan, records: list[TrialRecord], *, interrupted: bool = False) -> SweepResult:
     """Rank the trials and write results.csv, best_recipe.yaml and the plot into the sweep folder."""
     table = rank(records, plan.space, plan.metric, plan.mode)
     csv_path = write_csv(table, plan.path / RESULTS_CSV)
@@ -296,4 +300,5 @@ def finish(plan: SweepPlan, records: list[TrialRecord]) -> SweepResult:
         best_recipe_path=best_path,
         plot_path=plot_path,
         searched=plan.space.paths,
+        interrupted=interrupted,
     )

@@ -58,6 +58,7 @@ class _Progress:
         self.total = total
         self.bar: Any = None
         self.best: float | None = None
+        self.trial_best: dict[str, tuple[float, Any]] = {}  # trial id -> (best value, its epoch)
 
     def __getstate__(self) -> dict[str, Any]:  # the experiment state pickles callbacks; a bar cannot be
         return {**self.__dict__, "bar": None}
@@ -78,20 +79,24 @@ class _Progress:
 
         return ", ".join(f"{k}={format_value(v)}" for k, v in values.items())
 
+    def _better(self, value: float, than: float | None) -> bool:
+        return than is None or (value > than if self.plan.mode == "max" else value < than)
+
     def result(self, trial: Any, result: dict[str, Any]) -> None:
         value = result.get(self.plan.metric)
         if value is None:
             return
-        better = self.best is None or (value > self.best if self.plan.mode == "max" else value < self.best)
-        if better:
+        known = self.trial_best.get(trial.trial_id)
+        if self._better(float(value), known[0] if known else None):
+            self.trial_best[trial.trial_id] = (float(value), result.get("epoch"))
+        if self._better(float(value), self.best):
             self.best = float(value)
             self._bar().set_postfix({f"best {self.plan.metric}": f"{self.best:.4g}"})
 
     def finished(self, trial: Any, how: str) -> None:
         bar = self._bar()
-        last = trial.last_result or {}
-        shown = f"{self.plan.metric} {last[self.plan.metric]:.4g} at epoch {last.get('epoch')}" if (
-            last.get(self.plan.metric) is not None) else "no metric"
+        best = self.trial_best.get(trial.trial_id)
+        shown = f"best {self.plan.metric} {best[0]:.4g} at epoch {best[1]}" if best else "no metric"
         bar.write(f"trial {trial.trial_id} {how}: {shown} ({self._describe(trial)})")
         bar.update(1)
 

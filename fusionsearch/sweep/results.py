@@ -199,6 +199,7 @@ class SweepResult:
     best_recipe_path: Path | None
     plot_path: Path
     searched: list[str] = field(default_factory=list)  # the searched paths, in sampling order
+    interrupted: bool = False  # trials were left unfinished (Ctrl-C); --resume continues them
 
     @property
     def best_trial(self) -> dict[str, Any] | None:
