@@ -61,7 +61,7 @@ def test_bundled_recipe_validates_and_round_trips(name: str) -> None:
         ("ds_synapse", "pvt_emcad", "deep_supervision", 6, 300, 1.0),
         ("powerset_synapse", "pvt_emcad", "powerset_add", 6, 300, 1.0),
         ("lomix_synapse_5pct", "pvt_emcad", "lomix", 6, 300, 0.05),
-        ("demo", "small_unet", "lomix", 8, 6, 1.0),
+        ("demo", "small_unet", "lomix", 4, 8, 1.0),
     ],
 )
 def test_bundled_recipes_carry_the_paper_settings(name, model, space, batch, epochs, fraction) -> None:
