@@ -5,18 +5,25 @@ Plain autograd keeps several full-size ``[K,B,C,N]`` intermediates alive for the
 the softmax ``p``, and computes the gradient in closed form:
 
 - Cross entropy (mean over the B*N pixels): ``dCE/dz = (p - onehot) / (B*N)``.
-- Dice: with ``num_c = 2*I_c + eps`` and ``den_c = P_c + T_c + eps`` (``I`` = sum of p*t, ``P`` = sum of
-  p^2 for the reference flavour or of p for the MONAI flavour, ``T`` = sum of t),
-  ``dD/dp = -(w) * (2*t/den - num * dP/dp / den^2)`` with ``w = 1/C`` (reference, one bin per class)
-  or ``1/(B*C)`` (MONAI, one bin per sample and class), then the softmax Jacobian-vector product
-  ``dz = p * (g - sum_c p*g)``.
+- Dice: with ``num = 2*I + eps`` and ``den = P + T + eps`` per Dice bin (``I`` = sum of p*t, ``P`` =
+  sum of p^2 for the reference flavour or of p for the MONAI flavour, ``T`` = sum of t; a bin is a
+  class over the whole batch (reference) or a (sample, class) pair (MONAI)),
+  ``dD/dp = -w * (2*t/den - num * dP/dp / den^2)`` with ``w`` = 1 / number of bins, then the
+  softmax Jacobian-vector product ``dz = p * (g - sum_c p*g)``.
 
 The one-hot target is never built: its contributions enter through a gather of ``p`` at the target
 class and a scatter-add into the gradient. By default the backward writes the gradient into the
-softmax buffer itself, chunk by chunk over the terms, so the whole loss needs one full-size buffer
-plus temporaries of about 1/8 of it (the price: one backward per forward, see ``fused_term_loss``).
+softmax buffer itself, so the loss needs one full-size buffer in all (the price: one backward per
+forward, see :func:`fused_term_loss`).
 
-The small index helpers below are shared with the plain autograd path in ``fusionsearch.loss``.
+The backward runs over the terms in ``_CHUNKS`` chunks with one chunk-sized workspace reused by
+all of them: its temporaries then cost 1/``_CHUNKS`` of the softmax instead of a second full-size
+buffer, and on the CPU a reused workspace is not page-faulted in afresh for every chunk (fresh
+memory costs about as much as the arithmetic there). Few, large chunks keep the number of parallel
+regions small, which matters on a busy machine. The loop never depends on data and reads nothing
+back to the host.
+
+The small helpers at the top are shared with the plain autograd path in ``fusionsearch.loss``.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from fusionsearch.errors import FusionSearchError
 
 SMOOTH = 1e-5  # numerator and denominator smoothing of both Dice flavours
-_CHUNKS = 8  # the backward's temporaries are about 1/_CHUNKS of the softmax buffer
+_CHUNKS = 8  # the backward walks the terms in this many chunks (fewer when K is smaller)
 
 
 def flat_views(mixed: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,19 +46,28 @@ def flat_views(mixed: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return mixed.reshape(k, b, c, -1), target.reshape(b, -1).long()
 
 
-def class_index(target: Tensor, num_classes: int, per_sample: bool) -> Tensor:
-    """Flat ``[B*N]`` index of each pixel's Dice bin: its class, or ``b*C + class`` per sample."""
-    if not per_sample:
-        return target.reshape(-1)
-    offsets = torch.arange(target.shape[0], device=target.device).unsqueeze(1) * num_classes
-    return (target + offsets).reshape(-1)
+def sample_class_counts(target: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """``[B, C]`` pixels of each class in each sample (the sums of the one-hot target), no host sync."""
+    ones = torch.ones((), dtype=dtype, device=target.device).expand(target.shape)
+    return torch.zeros(target.shape[0], num_classes, dtype=dtype, device=target.device).scatter_add_(1, target, ones)
 
 
-def target_counts(index: Tensor, bins: int, dtype: torch.dtype) -> Tensor:
-    """Pixels per Dice bin (= sum of the one-hot target; ``t^2 = t``), with no host sync."""
-    return torch.zeros(bins, dtype=dtype, device=index.device).index_add_(
-        0, index, torch.ones((), dtype=dtype, device=index.device).expand(index.numel())
-    )
+def dice_from_bins(intersect: Tensor, pred: Tensor, counts: Tensor, per_sample: bool) -> tuple[Tensor, Tensor]:
+    """Numerator and denominator per Dice bin from per-(term, sample, class) sums ``[K,B,C]``.
+
+    Per sample (MONAI) every (sample, class) is a bin: ``[K, B*C]``; otherwise (reference) the sums
+    are pooled over the batch first: ``[K, C]``.
+    """
+    if per_sample:
+        k = intersect.shape[0]
+        return 2 * intersect.reshape(k, -1) + SMOOTH, (pred + counts).reshape(k, -1) + SMOOTH
+    return 2 * intersect.sum(1) + SMOOTH, pred.sum(1) + counts.sum(0) + SMOOTH
+
+
+def _term_chunks(k: int) -> list[slice]:
+    """About ``_CHUNKS`` contiguous slices covering the K terms."""
+    step = -(-k // _CHUNKS)
+    return [slice(i, i + step) for i in range(0, k, step)]
 
 
 class FusedTermLoss(torch.autograd.Function):
@@ -65,25 +81,19 @@ class FusedTermLoss(torch.autograd.Function):
             z, t = flat_views(logits, target)
             k, b, c, n = z.shape
             per_sample = dice_kind == "monai"
-            gather_index = t.view(1, b, 1, n).expand(k, b, 1, n)
-
+            at_target = t.view(1, b, 1, n).expand(k, b, 1, n)
             peak = z.amax(dim=2, keepdim=True)
             p = (z - peak).exp_()
             normaliser = p.sum(dim=2, keepdim=True)
             p.div_(normaliser)
-            log_normaliser = normaliser.log_().add_(peak)  # logsumexp of z over classes, [K,B,1,N]
-            ce = (log_normaliser - z.gather(2, gather_index)).mean(dim=(1, 2, 3))
-
-            index = class_index(t, c, per_sample)
-            bins = b * c if per_sample else c
-            p_target = p.gather(2, gather_index).reshape(k, b * n)
-            intersect = torch.zeros(k, bins, dtype=z.dtype, device=z.device).index_add_(1, index, p_target)
-            if per_sample:
-                pred = p.sum(dim=3).reshape(k, bins)
-            else:
-                pred = torch.linalg.vector_norm(p, dim=(1, 3)).square()
-            numerator = 2 * intersect + SMOOTH
-            denominator = pred + target_counts(index, bins, z.dtype) + SMOOTH
+            log_normaliser = normaliser.log_().add_(peak)  # logsumexp over the classes, [K,B,1,N]
+            ce = (log_normaliser - z.gather(2, at_target)).mean(dim=(1, 2, 3))
+            # per (term, sample, class) sums; the one-hot target enters only through the class index
+            intersect = z.new_zeros(k, b, c).scatter_add_(
+                2, at_target.view(k, b, n), p.gather(2, at_target).view(k, b, n)
+            )
+            pred = p.sum(dim=3) if per_sample else torch.linalg.vector_norm(p, dim=3).square()
+            numerator, denominator = dice_from_bins(intersect, pred, sample_class_counts(t, c, z.dtype), per_sample)
             dice = 1 - (numerator / denominator).mean(dim=1)
 
         ctx.save_for_backward(p, t, numerator, denominator)
@@ -107,38 +117,39 @@ class FusedTermLoss(torch.autograd.Function):
             k, b, c, n = p.shape
             per_sample = ctx.per_sample
             g = grad_out.to(p.dtype).view(k, 1)
-            gather_index = t.view(1, b, 1, n).expand(k, b, 1, n)
-            index = class_index(t, c, per_sample)
-
             ce_scale = (ctx.beta / (b * n)) * g.view(k, 1, 1, 1)
-            bin_weight = ctx.gamma / (b * c if per_sample else c)
-            # dD/dp = dense_coef * dP/dp + onehot * target_coef   (per Dice bin, already times grad_out)
-            dense_coef = g * bin_weight * numerator / denominator.square()
+            bin_weight = ctx.gamma / numerator.shape[1]
+            # dD/dp = dense * p^e + onehot * target_coef per (term, sample, class), already times grad_out,
+            # with e = 1 (reference: dP/dp = 2p) or e = 0 (MONAI: dP/dp = 1).
+            dense = g * bin_weight * numerator / denominator.square()
             target_coef = -2 * bin_weight * g / denominator
-            p_target_coef = p.gather(2, gather_index) * target_coef.index_select(1, index).view(k, b, 1, n)
-            if per_sample:  # dP/dp = 1: g_p = dense[b, c] + onehot * target_coef
-                dense = dense_coef.view(k, b, c)
-                dense_row, dense_col = dense.unsqueeze(2), dense.unsqueeze(3)
-            else:  # dP/dp = 2p: g_p = dense[c] * p + onehot * target_coef
-                dense = 2 * dense_coef
-                dense_row, dense_col = dense.view(k, 1, 1, c), dense.view(k, 1, c, 1)
+            if per_sample:
+                dense, target_coef = dense.view(k, b, c), target_coef.view(k, b, c)
+            else:
+                dense, target_coef = (2 * dense).unsqueeze(1).expand(k, b, c), target_coef.unsqueeze(1).expand(k, b, c)
 
-            # grad = p * (g_p - sum_c p*g_p) + ce part, a few terms at a time (the temporaries stay a
-            # fraction of p), written into p's own buffer unless the graph may be reused. The Python
-            # loop runs over _CHUNKS chunks, not over terms.
+            at_target = t.view(1, b, 1, n)
             grad = p if ctx.reuse_buffer else torch.empty_like(p)
-            step = max(1, -(-k // _CHUNKS))
-            for start in range(0, k, step):
-                rows = slice(start, start + step)
-                p_rows, grad_rows = p[rows], grad[rows]
+            chunks = _term_chunks(k)
+            workspace = torch.empty_like(p[chunks[0]])  # reused by every chunk
+            for terms in chunks:
+                p_chunk, grad_chunk = p[terms], grad[terms]
+                kc = p_chunk.shape[0]
+                work = workspace[:kc]
+                index = at_target.expand(kc, b, 1, n)
+                dense_chunk, ce_chunk = dense[terms], ce_scale[terms]
+                coef_at_target = target_coef[terms].unsqueeze(3).expand(kc, b, c, n).gather(2, index)
+                p_target_coef = p_chunk.gather(2, index) * coef_at_target
+                # grad = p * (g_p - sum_c p * g_p) + (beta / (B*N)) * (p - onehot)
                 if per_sample:
-                    dot = torch.matmul(dense_row[rows], p_rows) + p_target_coef[rows]
-                    torch.mul(p_rows, dense_col[rows] + (ce_scale[rows] - dot), out=grad_rows)
+                    dot = torch.matmul(dense_chunk.unsqueeze(2), p_chunk) + p_target_coef
+                    torch.add(dense_chunk.unsqueeze(3), ce_chunk - dot, out=work)
+                    torch.mul(p_chunk, work, out=grad_chunk)
                 else:
-                    square = p_rows.square()
-                    dot = torch.matmul(dense_row[rows], square) + p_target_coef[rows]
-                    torch.mul(p_rows, ce_scale[rows] - dot, out=grad_rows).add_(square.mul_(dense_col[rows]))
-            grad.scatter_add_(2, gather_index, p_target_coef - ce_scale)
+                    torch.square(p_chunk, out=work)
+                    dot = torch.matmul(dense_chunk.unsqueeze(2), work) + p_target_coef
+                    torch.mul(p_chunk, ce_chunk - dot, out=grad_chunk).add_(work.mul_(dense_chunk.unsqueeze(3)))
+                grad_chunk.scatter_add_(2, index, p_target_coef - ce_chunk)
         return grad.view(ctx.logits_shape), None, None, None, None, None
 
 

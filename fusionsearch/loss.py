@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import Tensor, nn
 
 from fusionsearch.errors import FusionSearchError
-from fusionsearch.fused_loss import SMOOTH, class_index, flat_views, fused_term_loss, target_counts
+from fusionsearch.fused_loss import dice_from_bins, flat_views, fused_term_loss, sample_class_counts
 
 
 class LossConfig(BaseModel):
@@ -122,18 +122,14 @@ def plain_term_loss(logits: Tensor, target: Tensor, beta: float, gamma: float, d
     z, t = flat_views(logits, target)
     k, b, c, n = z.shape
     log_p = torch.log_softmax(z, dim=2)
-    gather_index = t.view(1, b, 1, n).expand(k, b, 1, n)
-    ce = -log_p.gather(2, gather_index).mean(dim=(1, 2, 3))
+    at_target = t.view(1, b, 1, n).expand(k, b, 1, n)
+    ce = -log_p.gather(2, at_target).mean(dim=(1, 2, 3))
     p = log_p.exp()
+    # per (term, sample, class) sums; the one-hot target enters only through the class index
+    zeros = z.new_zeros(k, b, c)
+    intersect = zeros.scatter_add(2, at_target.view(k, b, n), p.gather(2, at_target).view(k, b, n))
     per_sample = dice_kind == "monai"
-    index = class_index(t, c, per_sample)
-    bins = b * c if per_sample else c
-    p_target = p.gather(2, gather_index).reshape(k, b * n)
-    intersect = torch.zeros(k, bins, dtype=z.dtype, device=z.device).index_add(1, index, p_target)
-    counts = target_counts(index, bins, z.dtype)
-    if per_sample:
-        pred = p.sum(dim=3).reshape(k, bins)
-    else:
-        pred = p.square().sum(dim=(1, 3))
-    dice = 1 - ((2 * intersect + SMOOTH) / (pred + counts + SMOOTH)).mean(dim=1)
+    pred = p.sum(dim=3) if per_sample else p.square().sum(dim=3)
+    numerator, denominator = dice_from_bins(intersect, pred, sample_class_counts(t, c, z.dtype), per_sample)
+    dice = 1 - (numerator / denominator).mean(dim=1)
     return beta * ce + gamma * dice

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from fusionsearch import fused_loss
 from fusionsearch.errors import FusionSearchError
 from fusionsearch.fused_loss import fused_term_loss
 from fusionsearch.loss import LossConfig, build_term_loss
@@ -116,6 +117,21 @@ def test_buffer_reusing_backward_equals_the_separate_buffer_one(dice_kind, k):
         lambda z, t: fused_term_loss(z, t, 0.3, 0.7, dice_kind, reuse_buffer=False), logits, target
     )
     torch.testing.assert_close(reused, separate, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dice_kind", ["reference", "monai"])
+@pytest.mark.parametrize("reuse_buffer", [True, False])
+@pytest.mark.parametrize("chunks", [1, 2, 3, 5, 100])  # K=5: whole, uneven (3+2), uneven (2+2+1), per term, more
+def test_backward_chunking_gives_the_same_gradients(monkeypatch, dice_kind, reuse_buffer, chunks):
+    monkeypatch.setattr(fused_loss, "_CHUNKS", chunks)
+    logits, target = random_case((5, 3, 3, 4, 5), seed=23)
+    got, got_grad = values_and_grads(
+        lambda z, t: fused_term_loss(z, t, 0.3, 0.7, dice_kind, reuse_buffer=reuse_buffer), logits, target
+    )
+    reference = naive_reference_loss if dice_kind == "reference" else monai_loss
+    want, want_grad = values_and_grads(lambda z, t: reference(z, t, 0.3, 0.7), logits, target)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
 
 
 def test_second_backward_through_the_fused_loss_is_a_clear_error():
