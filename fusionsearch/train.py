@@ -308,7 +308,8 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         """Load a ``last.pt`` written by this trainer: modules, optimiser, RNG streams, history."""
-        data = load_checkpoint(path, map_location=self.device)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the modules' device
+        data = load_checkpoint(path, map_location="cpu")
         if data.get("format") != CHECKPOINT_FORMAT or "optimizer" not in data:
             raise FusionSearchError(f"{path} is not a resumable fusionsearch checkpoint (need last.pt of a run).")
         if list(data.get("terms", [])) != self.terms:
