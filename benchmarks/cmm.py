@@ -21,6 +21,10 @@ other processes on a shared machine.
 
     python benchmarks/cmm.py                      # the full-size table (a few minutes on 2 cores)
     python benchmarks/cmm.py --batch 2 --size 64 --repeats 3
+    python benchmarks/cmm.py --threads 1          # most repeatable on a machine shared with other work
+
+With several threads on a busy machine, every parallel region waits for a descheduled thread, which
+penalises variants made of many small operations (the floor, the naive loop) far more than others.
 """
 
 from __future__ import annotations
