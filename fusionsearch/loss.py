@@ -99,7 +99,7 @@ def check_inputs(mixed: Tensor, target: Tensor) -> None:
         )
     if not mixed.is_floating_point():
         raise FusionSearchError(f"The mixed logits must be a floating-point tensor, got {mixed.dtype}.")
-    if target.dtype in (torch.bool,) or target.is_floating_point() or target.is_complex():
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
         raise FusionSearchError(
             f"The target must hold integer class indices (torch.long), got {target.dtype}. "
             f"Convert one-hot or float masks with .argmax(1) or .long()."
