@@ -279,6 +279,7 @@ class Trainer:
         self.terms: list[str] = list(getattr(criterion, "terms", []))
         self.state = TrainState()
         self._epoch_seconds = 0.0
+        self._saved: tuple[int, int] | None = None  # (epochs, steps) in the last.pt written by this session
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _checkpoint(self) -> dict[str, Any]:
@@ -294,6 +295,10 @@ class Trainer:
             "terms": self.terms,
             **self.checkpoint_extra,
         }
+
+    def _save_last(self, path: Path) -> None:
+        save_checkpoint(self._checkpoint(), path)
+        self._saved = (self.state.epoch, self.state.step_in_epoch)
 
     def _best_checkpoint(self) -> dict[str, Any]:
         return {
@@ -393,10 +398,12 @@ class Trainer:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
-            print(
-                f"\nInterrupted: {last_path} holds {self.state.epoch} completed epoch(s) and "
-                f"{self.state.step_in_epoch} step(s) of the next; continue with --resume."
+            where = (
+                f"it holds {self._saved[0]} completed epoch(s) and {self._saved[1]} step(s) of the next"
+                if self._saved
+                else "no checkpoint was written in this session"
             )
+            print(f"\nInterrupted. Last checkpoint: {last_path} ({where}); continue with --resume.")
             raise
         finally:
             bar.close()
@@ -447,7 +454,7 @@ class Trainer:
         self.state.term_loss_sum = term_loss_sum.cpu()
         self._epoch_seconds = time.perf_counter() - epoch_start
         if interrupt.requested:
-            save_checkpoint(self._checkpoint(), last_path)
+            self._save_last(last_path)
             raise KeyboardInterrupt
 
     def _step(self, batch: dict[str, Any], epoch: int) -> Any:
@@ -532,7 +539,7 @@ class Trainer:
                 state.best_epoch = epoch
             save_checkpoint(self._best_checkpoint(), best_path)  # before last.pt: see docs/recipes.md
         metrics["best_val_dice"] = state.best_val
-        save_checkpoint(self._checkpoint(), last_path)
+        self._save_last(last_path)
         self._write_logs()
         self._log_tensorboard(writer, epoch, metrics)
         if self.on_epoch_end is not None:
