@@ -3,7 +3,9 @@
 One step = forward, criterion (mixing + per-term losses + weighting), backward and the AdamW
 update over model + criterion parameters: exactly what ``fusionsearch.train`` does per batch.
 The spaces are timed round-robin (one step of each in turn, after warm-up), so background load on a
-shared machine hits them alike; the table shows the median and the ratio to last-layer-only.
+shared machine hits them alike. The table shows wall time (median and fastest step), process CPU
+time per step, and each as a ratio to last-layer-only; with ``--threads 1`` the CPU time is the
+least sensitive to other load on the machine.
 
     python benchmarks/train_step.py                       # B=6, 224x224, CPU, pvt_v2_b2
     python benchmarks/train_step.py --batch 2 --size 128 --encoder pvt_v2_b0 --repeats 3
@@ -51,18 +53,19 @@ class Setup:
         self.criterion.to(device)
         self.optimizer = build_optimizer(OptimConfig(), self.model, self.criterion)
         self.terms = len(self.criterion.terms)
-        self.times: list[float] = []
+        self.times: list[float] = []  # wall seconds per step
+        self.cpu: list[float] = []  # process CPU seconds per step (all threads)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         sync = torch.cuda.synchronize if images.device.type == "cuda" else (lambda: None)
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = self.criterion(self.model(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         self.optimizer.step()
         sync()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def main() -> None:
@@ -79,20 +82,28 @@ def main() -> None:
             setup.step(images, labels)
     for _ in range(args.repeats):
         for setup in setups:
-            setup.times.append(setup.step(images, labels))
+            wall, cpu = setup.step(images, labels)
+            setup.times.append(wall)
+            setup.cpu.append(cpu)
 
     print(
         f"{args.model} ({args.encoder}), B={args.batch}, {args.size}x{args.size}, C={args.classes}, "
         f"{device}, {torch.get_num_threads()} threads, median of {args.repeats} steps after {args.warmup} warm-up"
     )
     base = statistics.median(setups[0].times)
-    print(f"{'space':<18} {'K':>4} {'s/step':>8} {'min':>8} {'max':>8} {'vs ' + setups[0].space:>18}")
+    base_min = min(setups[0].times)
+    base_cpu = statistics.median(setups[0].cpu)
+    print(
+        f"{'space':<18} {'K':>3} {'wall med':>9} {'wall min':>9} {'cpu med':>8} "
+        f"{'ratio (med)':>12} {'ratio (min)':>12} {'ratio (cpu)':>12}"
+    )
     for setup in setups:
-        median = statistics.median(setup.times)
+        median, fastest, cpu = statistics.median(setup.times), min(setup.times), statistics.median(setup.cpu)
         print(
-            f"{setup.space:<18} {setup.terms:>4} {median:>8.3f} {min(setup.times):>8.3f} {max(setup.times):>8.3f} "
-            f"{median / base:>17.2f}x"
+            f"{setup.space:<18} {setup.terms:>3} {median:>9.3f} {fastest:>9.3f} {cpu:>8.3f} "
+            f"{median / base:>11.2f}x {fastest / base_min:>11.2f}x {cpu / base_cpu:>11.2f}x"
         )
+    print(f"ratios are to {setups[0].space}; on a shared machine trust 'min' and, with --threads 1, 'cpu'")
 
 
 if __name__ == "__main__":
