@@ -175,6 +175,7 @@ def run_ray(
                 field="--resume",
                 fix="Start the sweep without --resume (or give the --name/--storage it was started with)",
             )
+        _restore_missing_checkpoints(plan)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=retry_failed)
     else:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -217,6 +218,29 @@ def run_ray(
         )
     tuner.fit()
     return collect_records(plan, max_epochs=max_epochs)
+
+
+def _restore_missing_checkpoints(plan: SweepPlan) -> None:
+    """Recreate checkpoint folders the saved experiment state points to but Ray already deleted.
+
+    Ray keeps one checkpoint per trial and deletes the older one as soon as a new one arrives, but
+    it writes the experiment state asynchronously: a driver killed in between leaves a state that
+    names a deleted folder, and Ray would then fail the trial on resume. The trial's newest surviving
+    checkpoint (Ray's, else its run directory's) is put in its place; it is at least as recent.
+    """
+    import shutil
+
+    from ray.tune import ExperimentAnalysis
+
+    for trial in ExperimentAnalysis(str(experiment_path(plan))).trials:
+        checkpoint = trial.checkpoint
+        if checkpoint is None or Path(checkpoint.path).exists():
+            continue
+        target = Path(checkpoint.path)
+        newer = sorted(target.parent.glob("checkpoint_*"))
+        source = newer[-1] if newer else plan.run_dir(trial.trial_id) / "checkpoints"
+        if source.is_dir():
+            shutil.copytree(source, target)
 
 
 def collect_records(plan: SweepPlan, *, max_epochs: int | None) -> list[TrialRecord]:
