@@ -362,3 +362,13 @@ def _recipe_overrides(root: Path) -> dict:
         "batch_size": 4,
         "evaluation.size": 32,
     }
+
+
+def test_loader_workers_do_not_change_the_result(phantom_root: Path, tmp_path: Path) -> None:
+    """Augmentation depends on (seed, epoch, index) only, so worker processes see the same samples."""
+    in_process = _trainer(_recipe(phantom_root, epochs=2, space="last_layer"), tmp_path / "w0")
+    in_process.fit()
+    with_workers = _trainer(_recipe(phantom_root, epochs=2, space="last_layer", num_workers=2), tmp_path / "w2")
+    with_workers.fit()
+    for name, value in in_process.model.state_dict().items():
+        assert torch.equal(value, with_workers.model.state_dict()[name]), name
