@@ -372,3 +372,16 @@ def test_loader_workers_do_not_change_the_result(phantom_root: Path, tmp_path: P
     with_workers.fit()
     for name, value in in_process.model.state_dict().items():
         assert torch.equal(value, with_workers.model.state_dict()[name]), name
+
+
+def test_iterations_budget_and_cosine_schedule_in_training(phantom_root: Path, tmp_path: Path) -> None:
+    recipe = _recipe(
+        phantom_root, epochs=None, iterations=4, space="last_layer", **{"schedule.kind": "cosine", "optim.lr": 1e-3}
+    )
+    trainer = _trainer(recipe, tmp_path)
+    result = trainer.fit()
+    # 12 slices / batch 4 = 3 steps per epoch: 4 iterations = one full epoch + one step
+    assert [row["iteration"] for row in result.history] == [3, 4]
+    for row in result.history:  # the learning rate after `iteration` scheduler steps, from the closed form
+        expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * row["iteration"] / 4))
+        assert row["lr"] == pytest.approx(expected, abs=1e-12)
