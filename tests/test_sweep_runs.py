@@ -445,3 +445,17 @@ def test_the_optuna_backend_resumes_the_trials_of_a_killed_worker(data_root, tmp
     assert len(attempts) == 2 and "resumed from the last checkpoint" in attempts[1]
     rows = read_rows(tmp_path / "study" / "results.csv")
     assert len(rows) == 2 and {r["status"] for r in rows} == {COMPLETED}
+
+
+def test_the_optuna_backend_keeps_its_study_in_a_database_given_by_url(data_root, tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    overrides = {**TINY, "epochs": 1, "output_dir": str(tmp_path / "out")}
+    result = fs.sweep("demo", num_samples=2, backend="optuna", storage=url, overrides=overrides, data_root=data_root,
+                      name="rdb", verbose=False)
+    trials = optuna.load_study(study_name="rdb", storage=url).trials
+    assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert result.sweep_dir == (tmp_path / "out" / "sweeps" / "rdb").resolve()  # run directories stay on disk
+    assert {row["optim.lr"] for row in result.table} == {t.params["optim.lr"] for t in trials}
+    assert all(Path(row["run_dir"]).parent == result.sweep_dir / "runs" for row in result.table)

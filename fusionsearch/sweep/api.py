@@ -95,7 +95,7 @@ def sweep(
     try:
         records = _run_backend(
             plan, backend=backend, num_samples=num_samples, seed=seed, address=address,
-            max_epochs=recipe.epochs if recipe.iterations is None else None, max_concurrent=max_concurrent,
+            max_epochs=_max_epochs(recipe, plan), max_concurrent=max_concurrent,
             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, max_failures=max_failures,
             grace_period=grace_period, reduction_factor=reduction_factor, resume=resume,
             retry_failed=retry_failed, points=points or [], workers=workers, pruner=pruner, rdb_url=rdb_url,
@@ -121,6 +121,17 @@ def sweep(
 
 def _silent(*_: Any, **__: Any) -> None:
     return None
+
+
+def _max_epochs(recipe: Any, plan: SweepPlan) -> int | None:
+    """The most epochs a trial can run (ASHA's max_t); None when the length is set by iterations."""
+    if recipe.iterations is not None or "iterations" in plan.space.paths:
+        return None
+    for param in plan.space.params:
+        if param.path == "epochs":
+            values = param.dist.choice if param.dist.kind == "choice" else param.dist.bounds
+            return int(max(values or [recipe.epochs]))
+    return recipe.epochs
 
 
 def _check_options(**options: Any) -> None:

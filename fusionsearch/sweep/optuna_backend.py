@@ -189,12 +189,12 @@ def _run_one(study: Any, trial: Any, plan: SweepPlan, settings: OptunaSettings, 
             trial.report(value, step)
         epoch_metrics.update(old.user_attrs.get("epoch_metrics", {}))
 
-    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None, final: bool) -> None:
         epoch = int(metrics["epoch"])
         trial.report(float(metrics[plan.metric]), epoch)
         epoch_metrics[str(epoch)] = metrics
         trial.set_user_attr("epoch_metrics", epoch_metrics)
-        if trial.should_prune():
+        if not final and trial.should_prune():  # after the last epoch there is nothing left to save
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
     for attempt in range(settings.max_failures + 1):

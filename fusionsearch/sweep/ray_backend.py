@@ -38,7 +38,7 @@ def _trainable(config: dict[str, Any], plan: SweepPlan) -> None:
     trial_id = tune.get_context().get_trial_id()
     overrides = plan.space.decode(config)
 
-    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None, final: bool) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
 
@@ -190,9 +190,8 @@ def run_ray(
             time_attr="epoch",
             metric=plan.metric,
             mode=plan.mode,
-            # beyond the last epoch: ASHA stops a trial that reaches max_t at once, which would cut off
-            # the runner's final test evaluation and report; a trial ends by itself after its last epoch
-            max_t=max(max_epochs + 1 if max_epochs else 10**6, grace_period + 1),
+            # a trial ends by itself after its last epoch (reported after the run has finished)
+            max_t=max(max_epochs or 10**6, grace_period),
             grace_period=grace_period,
             reduction_factor=reduction_factor,
         )

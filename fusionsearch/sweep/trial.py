@@ -27,7 +27,9 @@ DONE_FILE = "trial_done.json"
 ATTEMPTS_FILE = "attempts.log"
 CHECKPOINT_SUBDIR = "checkpoints"
 
-Report = Callable[[dict[str, Any], Path | None], None]
+# report(metrics, checkpoint_dir, final): final is True for the run's last epoch, reported once the run
+# has finished, so that a scheduler's decision on it cannot cut off the final evaluation and report
+Report = Callable[[dict[str, Any], Path | None, bool], None]
 
 
 def scalar_metrics(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +97,8 @@ def run_trial(
 ) -> dict[str, Any]:
     """Train one trial to the end (or until the backend stops it) and return its done-record.
 
-    ``report(metrics, checkpoint_dir)`` is called after every epoch that has the sweep metric.
+    ``report(metrics, checkpoint_dir, final)`` is called after every epoch that has the sweep metric;
+    the last epoch's call (``final=True``) comes after the run has written all its results.
     ``restore_from`` is a checkpoint folder to continue from; without it, a checkpoint already in
     the run directory (an interrupted attempt on a shared disk) is continued. ``progress`` shows
     the runner's progress bars (off where several trials share one terminal).
@@ -106,7 +109,7 @@ def run_trial(
     done = read_done(run_dir)
     if done is not None:
         if done.get("last"):
-            report(done["last"], None)
+            report(done["last"], None, True)
         return done
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +122,7 @@ def run_trial(
     (run_dir / "trial_params.json").write_text(json.dumps(overrides, indent=2, default=str), encoding="utf-8")
 
     last: dict[str, Any] = {}
+    held: list[tuple[dict[str, Any], Path]] = []  # the final epoch's report, sent after the run ends
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         row = scalar_metrics(epoch, metrics)
@@ -127,7 +131,10 @@ def run_trial(
             return  # no validation this epoch: nothing to rank or prune on
         last.clear()
         last.update(row)
-        report(row, Path(checkpoint_dir))
+        if _is_final(recipe, row):
+            held.append((row, Path(checkpoint_dir)))
+        else:
+            report(row, Path(checkpoint_dir), False)
 
     result = run(recipe, run_dir=run_dir, resume=resume, on_epoch_end=on_epoch_end, progress=progress)
     record = {
@@ -140,4 +147,13 @@ def run_trial(
     tmp = run_dir / (DONE_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
     tmp.replace(run_dir / DONE_FILE)
+    for row, checkpoint_dir in held:
+        report(row, checkpoint_dir, True)
     return record
+
+
+def _is_final(recipe: Any, row: dict[str, Any]) -> bool:
+    """Whether the reported epoch is the run's last (by epochs, or by the iteration budget)."""
+    if recipe.iterations is not None:
+        return int(row.get("iteration", 0)) >= int(recipe.iterations)
+    return recipe.epochs is not None and int(row["epoch"]) >= int(recipe.epochs)
