@@ -133,6 +133,7 @@ def plot_metric(rows: Sequence[dict[str, Any]], space: SweepSpace, metric: str, 
     Trials stopped early are drawn hollow; failed trials have no metric and are left out.
     """
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,6 +157,7 @@ def plot_metric(rows: Sequence[dict[str, Any]], space: SweepSpace, metric: str, 
             xs = [float(r[param.path]) for r in used]
             if param.dist.kind == "loguniform":
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled decades only
         ys = [float(r[metric]) for r in used]
         done = [r["status"] != STOPPED for r in used]
         ax.scatter([x for x, d in zip(xs, done, strict=True) if d], [y for y, d in zip(ys, done, strict=True) if d],
@@ -172,7 +174,7 @@ def plot_metric(rows: Sequence[dict[str, Any]], space: SweepSpace, metric: str, 
         axes[index // cols][index % cols].axis("off")
     if not params:
         axes[0][0].text(0.5, 0.5, "nothing searched", ha="center", va="center")
-    fig.suptitle(f"{metric} (best epoch of each trial) against the searched values")
+    fig.suptitle(f"{metric} (best epoch) per searched value", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
