@@ -132,17 +132,15 @@ def plot_metric(rows: Sequence[dict[str, Any]], space: SweepSpace, metric: str, 
     Numeric parameters get a numeric axis (logarithmic for loguniform), choices one slot per choice.
     Trials stopped early are drawn hollow; failed trials have no metric and are left out.
     """
-    import matplotlib
     import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
     params = space.params or []
     count = max(1, len(params))
     cols = min(3, count)
     nrows = math.ceil(count / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     scored = [r for r in rows if r.get(metric) is not None]
     for index, param in enumerate(params):
         ax = axes[index // cols][index % cols]
@@ -178,7 +176,6 @@ def plot_metric(rows: Sequence[dict[str, Any]], space: SweepSpace, metric: str, 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
