@@ -45,7 +45,7 @@ def main() -> None:
 
     import fusionsearch as fs
     from fusionsearch.data.phantoms import make_synapse
-    from fusionsearch.sweep.api import sweep
+    from fusionsearch.sweeps.api import sweep
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fs-sweep-bench-"))
     data = make_synapse(workdir / "data", cases=4, test_cases=1, slices=8, size=args.size, progress=False,

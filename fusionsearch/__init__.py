@@ -47,8 +47,8 @@ _EXPORTS: dict[str, str] = {
     "RunResult": "fusionsearch.runner",
     "evaluate_volumes": "fusionsearch.evaluate",
     "EvaluationResult": "fusionsearch.evaluate",
-    "sweep": "fusionsearch.sweep",
-    "SweepResult": "fusionsearch.sweep",
+    "sweep": "fusionsearch.sweeps",
+    "SweepResult": "fusionsearch.sweeps",
 }
 
 _SUBMODULES = {"evaluate", "metrics", "models", "data", "registry", "errors", "operators", "weighting", "loss"}

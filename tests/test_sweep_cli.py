@@ -86,7 +86,7 @@ def test_the_documented_tune_examples_are_valid_sweeps(block, tmp_path):
     import yaml
 
     from fusionsearch.recipe import load_recipe
-    from fusionsearch.sweep.plan import SweepPlan
+    from fusionsearch.sweeps.plan import SweepPlan
 
     tune = yaml.safe_load(block)["tune"]
     recipe = load_recipe("demo", overrides={"tune": tune, "space.tune": {}})
@@ -105,7 +105,7 @@ def test_the_documented_tune_examples_are_valid_sweeps(block, tmp_path):
 )
 def test_an_existing_sweep_is_continued_only_as_it_was_started(capsys, tmp_path, args, words):
     from fusionsearch.recipe import load_recipe
-    from fusionsearch.sweep.plan import SweepPlan
+    from fusionsearch.sweeps.plan import SweepPlan
 
     data = tmp_path / "data"
     data.mkdir()

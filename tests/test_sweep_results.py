@@ -10,8 +10,8 @@ import matplotlib.image
 import pytest
 
 from fusionsearch.errors import ConfigError, DataError
-from fusionsearch.sweep.cluster import check_data_root, check_reachable, requested_address
-from fusionsearch.sweep.results import (
+from fusionsearch.sweeps.cluster import check_data_root, check_reachable, requested_address
+from fusionsearch.sweeps.results import (
     COMPLETED,
     FAILED,
     STOPPED,
@@ -21,7 +21,7 @@ from fusionsearch.sweep.results import (
     rank,
     write_csv,
 )
-from fusionsearch.sweep.space import SweepSpace
+from fusionsearch.sweeps.space import SweepSpace
 from fusionsearch.tune_spec import parse_tune_section
 
 BASE = {"optim": {"lr": 1e-4}, "space": {"operators": ["add", "mul"], "weighting": {"kind": "softplus"}}}

@@ -24,7 +24,7 @@ import pytest
 
 import fusionsearch as fs
 from fusionsearch.data.phantoms import make_synapse
-from fusionsearch.sweep.results import COMPLETED, FAILED, RUNNING, STOPPED
+from fusionsearch.sweeps.results import COMPLETED, FAILED, RUNNING, STOPPED
 
 # the demo recipe made tiny; only the learning rate is searched unless a test says otherwise
 TINY = {
@@ -118,8 +118,8 @@ def test_asha_stops_weak_trials_and_the_best_recipe_reproduces_its_trial(local_r
 def test_resume_recreates_a_checkpoint_the_saved_state_names_but_ray_deleted(local_ray, data_root, tmp_path):
     from ray.tune import ExperimentAnalysis
 
-    from fusionsearch.sweep.plan import SweepPlan
-    from fusionsearch.sweep.ray_backend import _restore_missing_checkpoints, experiment_path
+    from fusionsearch.sweeps.plan import SweepPlan
+    from fusionsearch.sweeps.ray_backend import _restore_missing_checkpoints, experiment_path
 
     fs.sweep("demo", num_samples=1, overrides={**TINY, "epochs": 1}, data_root=data_root, storage=tmp_path,
              name="state", verbose=False)

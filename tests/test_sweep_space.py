@@ -9,7 +9,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from fusionsearch.errors import ConfigError
-from fusionsearch.sweep.space import SweepSpace, format_value
+from fusionsearch.sweeps.space import SweepSpace, format_value
 from fusionsearch.tune_spec import parse_tune_section
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fusionsearch.overrides import parse_set_arguments
-    from fusionsearch.sweep.api import sweep
+    from fusionsearch.sweeps.api import sweep
 
     result = sweep(
         args.recipe,

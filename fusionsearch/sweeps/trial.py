@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fusionsearch.sweep.cluster import check_data_root
-from fusionsearch.sweep.plan import SweepPlan
+from fusionsearch.sweeps.cluster import check_data_root
+from fusionsearch.sweeps.plan import SweepPlan
 
 DONE_FILE = "trial_done.json"
 ATTEMPTS_FILE = "attempts.log"

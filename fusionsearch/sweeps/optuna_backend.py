@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from fusionsearch.errors import ConfigError
-from fusionsearch.sweep.plan import SweepPlan
-from fusionsearch.sweep.results import COMPLETED, FAILED, RUNNING, STOPPED, TrialRecord
-from fusionsearch.sweep.trial import count_attempts, run_trial
+from fusionsearch.sweeps.plan import SweepPlan
+from fusionsearch.sweeps.results import COMPLETED, FAILED, RUNNING, STOPPED, TrialRecord
+from fusionsearch.sweeps.trial import count_attempts, run_trial
 
 JOURNAL = "optuna.journal"
 LOCK = "optuna.lock"

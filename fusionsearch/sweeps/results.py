@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusionsearch.sweep.space import SweepSpace, format_value
+from fusionsearch.sweeps.space import SweepSpace, format_value
 
 COMPLETED = "completed"
 STOPPED = "stopped early"

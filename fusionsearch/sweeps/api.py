@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fusionsearch.errors import ConfigError
-from fusionsearch.sweep.plan import PLAN_FILE, SweepPlan
-from fusionsearch.sweep.results import (
+from fusionsearch.sweeps.plan import PLAN_FILE, SweepPlan
+from fusionsearch.sweeps.results import (
     BEST_RECIPE,
     PLOT_PNG,
     RESULTS_CSV,
@@ -223,8 +223,8 @@ def _check_folder(plan: SweepPlan, *, backend: str, resume: bool, num_samples: i
 
 def _run_backend(plan: SweepPlan, *, backend: str, **options: Any) -> list[TrialRecord]:
     if backend == "ray":
-        from fusionsearch.sweep.cluster import ray_session
-        from fusionsearch.sweep.ray_backend import run_ray
+        from fusionsearch.sweeps.cluster import ray_session
+        from fusionsearch.sweeps.ray_backend import run_ray
 
         with ray_session(options["address"]) as where:
             if options["verbose"]:
@@ -245,7 +245,7 @@ def _run_backend(plan: SweepPlan, *, backend: str, **options: Any) -> list[Trial
                 points=options["points"],
                 verbose=options["verbose"],
             )
-    from fusionsearch.sweep.optuna_backend import OptunaSettings, run_optuna
+    from fusionsearch.sweeps.optuna_backend import OptunaSettings, run_optuna
 
     if options["address"]:
         raise ConfigError("--address joins a Ray cluster; the optuna backend shares a --storage instead",
@@ -269,7 +269,7 @@ def _run_backend(plan: SweepPlan, *, backend: str, **options: Any) -> list[Trial
 
 
 def _enqueue_points(plan: SweepPlan, settings: Any, points: list[dict[str, Any]], *, resume: bool) -> None:
-    from fusionsearch.sweep.optuna_backend import open_study
+    from fusionsearch.sweeps.optuna_backend import open_study
 
     study = open_study(plan, settings)
     if resume or study.get_trials(deepcopy=False):

@@ -1,6 +1,6 @@
 """Ray Tune backend: OptunaSearch (seeded TPE) proposes, ASHA stops weak trials, trials are runs.
 
-Every trial runs :func:`fusionsearch.sweep.trial.run_trial` inside a Ray worker and reports each
+Every trial runs :func:`fusionsearch.sweeps.trial.run_trial` inside a Ray worker and reports each
 epoch with ``tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(...))``. A trial that
 raises is restarted by Ray from its last reported checkpoint (``FailureConfig(max_failures)``),
 which the trial copies into its run directory before resuming the runner. The experiment lives in
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fusionsearch.errors import ConfigError
-from fusionsearch.sweep.plan import SweepPlan
-from fusionsearch.sweep.results import COMPLETED, FAILED, RUNNING, STOPPED, TrialRecord
-from fusionsearch.sweep.trial import count_attempts, read_done, run_trial
+from fusionsearch.sweeps.plan import SweepPlan
+from fusionsearch.sweeps.results import COMPLETED, FAILED, RUNNING, STOPPED, TrialRecord
+from fusionsearch.sweeps.trial import count_attempts, read_done, run_trial
 
 EXPERIMENT = "tune"
 # bookkeeping Ray adds to every reported result (left out of the trial histories)
@@ -75,7 +75,7 @@ class _Progress:
             values = self.plan.space.decode(trial.config)
         except ConfigError:
             values = dict(trial.config)
-        from fusionsearch.sweep.space import format_value
+        from fusionsearch.sweeps.space import format_value
 
         return ", ".join(f"{k}={format_value(v)}" for k, v in values.items())
 

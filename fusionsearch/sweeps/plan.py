@@ -19,7 +19,7 @@ import yaml
 from fusionsearch.config_io import load_yaml_file
 from fusionsearch.errors import ConfigError
 from fusionsearch.overrides import apply_overrides
-from fusionsearch.sweep.space import SweepSpace
+from fusionsearch.sweeps.space import SweepSpace
 
 PLAN_FILE = "sweep.yaml"
 RUNS_DIR = "runs"
