@@ -15,8 +15,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from scipy.ndimage import zoom
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fusionsearch.atomic import atomic_path
 from fusionsearch.errors import ConfigError, DataError
 from fusionsearch.metrics import PROTOCOLS, dice_hd95
 from fusionsearch.models import resize_logits
@@ -406,15 +405,7 @@ def _json_number(value: float) -> float | int | None:
 
 
 def _write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` next to ``path`` and rename it into place, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` so that readers never see half a file (CSV rows keep their own newlines)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+    return Path(path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fusionsearch.atomic import atomic_path, write_text_atomic
 from fusionsearch.errors import FusionSearchError
 
 TOP_TERMS = 5
@@ -93,10 +93,11 @@ def _integer_ticks() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -312,11 +313,7 @@ def write_report(run_dir: str | Path) -> Path:
         plot_overlays(run_dir / "qualitative.npz", run_dir / "overlays.png", class_names)
         lines += ["## Qualitative examples", "", "![image, truth, prediction](overlays.png)", ""]
 
-    path = run_dir / "report.md"
-    tmp = path.with_name(f".report.md.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(run_dir / "report.md", "\n".join(lines))
 
 
 def _weights_section(log: TermLog) -> list[str]:

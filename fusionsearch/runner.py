@@ -20,7 +20,6 @@ selected checkpoint (the reference code picks its checkpoint by test Dice; we do
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusionsearch.atomic import atomic_path, write_text_atomic
 from fusionsearch.checkpoint import BEST, LAST, load_checkpoint
 from fusionsearch.errors import ConfigError, DataError, FusionSearchError
 from fusionsearch.recipe import Recipe, load_recipe
@@ -182,12 +182,6 @@ def _num_classes(recipe: Recipe, dataset: Any) -> int:
     return found
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
     last = run_dir / "checkpoints" / LAST
     if resume:
@@ -270,7 +264,7 @@ def run(
     check_model_outputs(model, criterion, train_set[0]["image"].unsqueeze(0), recipe)
 
     resolved = recipe.resolved_dict()
-    _write_text_atomic(run_dir / "recipe.yaml", _yaml(resolved))
+    write_text_atomic(run_dir / "recipe.yaml", _yaml(resolved))
     extra = {"recipe": resolved, "num_classes": num_classes, "class_names": class_names}
 
     def validate(model: nn.Module, criterion: nn.Module) -> dict[str, float]:
@@ -376,7 +370,7 @@ def write_test_results(evaluation: Any, folder: Path, *, prefix: str, info: dict
     summary["mean_dice_percent"] = _percent(summary.get("mean_dice"))
     for row in summary.get("per_class", {}).values():
         row["dice_percent"] = _percent(row.get("dice"))
-    _write_text_atomic(summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return {
         "mean_dice": summary["mean_dice_percent"],
         "mean_hd95": summary.get("mean_hd95"),
@@ -435,13 +429,12 @@ def save_qualitative(
         predictions.append(pred[0])
         names.append(f"{item.get('case', row)} slice {z}")
     path = run_dir / "qualitative.npz"
-    tmp = run_dir / f".qualitative.tmp-{os.getpid()}.npz"
     arrays: dict[str, np.ndarray] = {"names": np.array(names)}
     for i, (image, truth, prediction) in enumerate(zip(images, truths, predictions, strict=True)):
         # one entry per example: cases may differ in slice size
         arrays.update({f"image_{i}": image, f"truth_{i}": truth, f"prediction_{i}": prediction})
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
     return path
 
 

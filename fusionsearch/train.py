@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
 import signal
 import threading
@@ -32,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from fusionsearch.atomic import atomic_path
 from fusionsearch.checkpoint import (
     BEST,
     LAST,
@@ -148,12 +148,10 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> lis
 
 def write_csv_atomic(path: Path, rows: list[dict[str, Any]], fieldnames: list[str]) -> None:
     """Write a CSV through a temporary file + ``os.replace`` so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 # -- state --------------------------------------------------------------------------------------
