@@ -1,12 +1,19 @@
 """The mixer: all K terms of a compiled graph from the L logits, in one vectorised pass.
 
 The logits of the scales the graph uses are stacked once into ``[L', B, C, *S]``. The originals
-are that stack itself (or one ``index_select`` of it when only some scales are supervised); all
-subsets of one size are gathered with one ``index_select`` into ``[n_subsets, k, B, C, *S]``
-(shared by the operators that use the same subsets), and each (operator, size) group calls its
-operator once on it. The blocks are concatenated in term order, or handed one by one to the
-criterion, which scores each block as it comes and so never allocates the whole ``[K, B, C, *S]``.
-There is no Python loop over terms and nothing is read back to the host.
+are that stack itself (or one ``index_select`` of it when only some scales are supervised). Each
+(operator, size) group then fuses all of its subsets in one call:
+
+- operators with a stack path (the built-ins, see ``fusionsearch.operator_api``) read the members
+  straight from the stack with the group's subset index matrix and add their share of the stack's
+  gradient into one shared accumulator, so nothing of size ``[n, k, B, C, *S]`` is ever copied and
+  the backward allocates one stack-sized gradient in all;
+- any other operator gets the members gathered with one ``index_select`` into
+  ``[n_subsets, k, B, C, *S]`` (shared by the groups that use the same subsets).
+
+The blocks are concatenated in term order, or handed one by one to the criterion, which scores
+each block as it comes and so never allocates the whole ``[K, B, C, *S]``. There is no Python loop
+over terms and nothing is read back to the host.
 
 Mixing runs with autocast disabled, in float32 for half-precision inputs (float64 stays float64):
 a ``mul`` of five logits of magnitude 30 is about 2.4e7, far beyond float16's 65504.
@@ -14,14 +21,16 @@ a ``mul`` of five logits of magnitude 30 is about 2.4e7, far beyond float16's 65
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fusionsearch.compile import Graph
 from fusionsearch.errors import FusionSearchError
-from fusionsearch.operator_api import build_operator
+from fusionsearch.operator_api import StackGradient, build_operator, has_stack_path
 
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -66,16 +75,17 @@ class Mixer(nn.Module):
             self.register_buffer(f"gather_index_{i}", index.reshape(-1), persistent=False)
 
     def forward(self, logits: Sequence[Tensor]) -> Tensor:
-        stacked = self.stack(logits)
+        stacked, gradient = self.stack(logits)
         with torch.autocast(device_type=stacked.device.type, enabled=False):
-            parts = list(self.iter_parts(stacked))
+            parts = list(self.iter_parts(stacked, gradient))
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def iter_parts(self, stacked: Tensor) -> Iterator[Tensor]:
+    def iter_parts(self, stacked: Tensor, gradient: StackGradient) -> Iterator[Tensor]:
         """The terms in order, as consecutive blocks ``[n, B, C, *S]``: the originals, then one per group.
 
-        ``stacked`` comes from :meth:`stack`; run this with autocast disabled. A consumer that scores
-        each block as it comes (the criterion) never needs the whole ``[K, B, C, *S]`` tensor at once.
+        ``stacked`` and ``gradient`` come from :meth:`stack`; run this with autocast disabled. A
+        consumer that scores each block as it comes (the criterion) never needs the whole
+        ``[K, B, C, *S]`` tensor at once.
         """
         if self.graph.originals:
             yield stacked if self._originals_are_stack else stacked.index_select(0, self.original_index)
@@ -83,26 +93,68 @@ class Mixer(nn.Module):
         for gather, group, operator in zip(
             self._gather_of_group, self.graph.groups, self.operators.values(), strict=True
         ):
+            index = getattr(self, f"gather_index_{gather}")
+            if has_stack_path(operator):
+                yield operator.mix_stack(stacked, index.view(group.n_subsets, group.size), gradient)
+                continue
             if gather not in gathered:
-                members = stacked.index_select(0, getattr(self, f"gather_index_{gather}"))
+                members = stacked.index_select(0, index)
                 gathered[gather] = members.view(group.n_subsets, group.size, *stacked.shape[1:])
             yield operator(gathered[gather])
 
-    def stack(self, logits: Sequence[Tensor]) -> Tensor:
-        """Check the logits and stack the used scales into ``[L', B, C, *S]`` in the mixing dtype."""
+    def stack(self, logits: Sequence[Tensor]) -> tuple[Tensor, StackGradient]:
+        """Check the logits and stack the used scales into ``[L', B, C, *S]`` in the mixing dtype.
+
+        Also returns the accumulator the operators' stack paths add the stack's gradient into; the
+        stack's autograd node hands that sum (plus the gradient reaching it the ordinary way) back
+        to the logits.
+        """
         items = check_logits(logits, self.graph, self.used_scales)
-        used = [items[s] for s in self.used_scales]
-        stacked = used[0].unsqueeze(0) if len(used) == 1 else torch.stack(used)
-        if stacked.dtype in REDUCED_PRECISION:
-            stacked = stacked.float()
+        dtype = functools.reduce(torch.promote_types, (items[s].dtype for s in self.used_scales))
+        dtype = torch.float32 if dtype in REDUCED_PRECISION else dtype
+        used = [items[s].to(dtype) for s in self.used_scales]
         parameter = next(self.parameters(), None)
-        if parameter is not None and parameter.dtype != stacked.dtype:
+        if parameter is not None and parameter.dtype != dtype:
             raise FusionSearchError(
-                f"The operators' parameters are {parameter.dtype} but the logits are mixed in {stacked.dtype}. "
-                f"Convert the criterion to the logits' precision (criterion.to({stacked.dtype})) or the logits to "
+                f"The operators' parameters are {parameter.dtype} but the logits are mixed in {dtype}. "
+                f"Convert the criterion to the logits' precision (criterion.to({dtype})) or the logits to "
                 f"the criterion's; half-precision logits are mixed in float32 and need a float32 criterion."
             )
-        return stacked
+        gradient = StackGradient(torch.Size((len(used), *used[0].shape)), dtype, used[0].device)
+        if self._uses_stack_paths and torch.is_grad_enabled() and any(item.requires_grad for item in used):
+            return _StackForMixing.apply(gradient, *used), gradient
+        return torch.stack(used), gradient
+
+    @property
+    def _uses_stack_paths(self) -> bool:
+        return any(has_stack_path(operator) for operator in self.operators.values())
+
+
+class _StackForMixing(torch.autograd.Function):
+    """``torch.stack`` of the logits whose backward also collects the stack paths' shared gradient.
+
+    Autograd runs this node only after every consumer of the stack, so by then each stack path has
+    added its share into the :class:`StackGradient`; the ordinary gradient (originals, gathered
+    operators) is added to that sum, and the logits get views of the one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, gradient: StackGradient, *logits: Tensor) -> Tensor:
+        ctx.gradient = gradient
+        ctx.set_materialize_grads(False)
+        return torch.stack(logits)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor | None) -> tuple[Tensor | None, ...]:
+        total = ctx.gradient.take()
+        if total is None:
+            total = grad
+        elif grad is not None:
+            total.add_(grad)
+        if total is None:
+            return (None,) * (1 + ctx.gradient.shape[0])
+        return (None, *total.unbind(0))
 
 
 def check_logits(logits: Sequence[Tensor], graph: Graph, used_scales: Sequence[int]) -> list[Tensor]:

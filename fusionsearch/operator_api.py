@@ -19,6 +19,15 @@ Two kinds can be registered with :func:`fusionsearch.register_operator`:
 Options are checked against the factory's signature (and its type hints, with pydantic) when a
 space is validated, so a misspelt or mistyped option is reported by file and field before any
 training starts.
+
+**Stack paths (optional, used by the built-ins).** Gathering ``x`` copies every member of every
+subset. An operator may also offer ``mix_stack(stack, index, gradient)``: it fuses the subsets
+straight from the stack of scales ``[L, B, C, *S]`` given the subset index matrix ``[n, k]``
+(positions in the stack) and, in its backward, adds its share of d(loss)/d(stack) into the
+:class:`StackGradient` ``gradient`` instead of returning a full-size gradient of its own. The
+mixer uses it when the class that defines ``forward`` also defines ``mix_stack`` (so a subclass
+that overrides ``forward`` falls back to the plain interface); stateless functions attach one with
+:func:`stack_path`. Third-party operators need none of this.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
@@ -62,6 +72,16 @@ def parametric(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return factory
 
 
+def stack_path(kernel: Callable[..., Tensor]) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Attach a stack path ``kernel(stack, index, gradient, **options)`` to a stateless operator function."""
+
+    def attach(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        fn.__fusion_stack_path__ = kernel  # type: ignore[attr-defined]
+        return fn
+
+    return attach
+
+
 class StatelessOperator(nn.Module):
     """Wraps a stateless operator function (with its options bound) so the mixer holds only modules."""
 
@@ -70,6 +90,12 @@ class StatelessOperator(nn.Module):
         self.name = name
         self.options = dict(options)
         self.fn = functools.partial(fn, **options) if options else fn
+        kernel = getattr(fn, "__fusion_stack_path__", None)
+        self.stack_kernel = functools.partial(kernel, **options) if kernel is not None and options else kernel
+
+    def mix_stack(self, stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+        """The function's stack path (only called when :func:`has_stack_path` says it has one)."""
+        return self.stack_kernel(stack, index, gradient)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(x)
@@ -162,3 +188,93 @@ def build_operator(
     if not isinstance(module, nn.Module):
         raise TypeError(f"the factory of operator '{name}' returned {type(module).__name__}, not an nn.Module")
     return module
+
+
+# -- stack paths ----------------------------------------------------------------------------------
+
+# On CPUs the stack paths walk the pixels in blocks whose temporaries hold about this many elements:
+# small enough to stay in cache and to be recycled by malloc (big buffers are returned to the
+# kernel when freed and page-faulted in afresh on the next use, which costs as much as the
+# arithmetic), large enough that the Python loop costs nothing. GPUs take everything in one block.
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def has_stack_path(module: nn.Module) -> bool:
+    """True when the mixer may call ``module.mix_stack`` instead of ``module(x)``.
+
+    Stateless wrappers qualify when their function has a :func:`stack_path`; modules when the class
+    that defines ``forward`` (in the MRO) also defines ``mix_stack``.
+    """
+    if isinstance(module, StatelessOperator):
+        return module.stack_kernel is not None
+
+    def owner(attribute: str) -> type | None:
+        return next((cls for cls in type(module).__mro__ if attribute in vars(cls)), None)
+
+    return owner("mix_stack") is not None and owner("mix_stack") is owner("forward")
+
+
+def _graph_task_id() -> int:
+    """Id of the autograd pass running on this thread (-1 outside one)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current() if current is not None else -1
+
+
+class StackGradient:
+    """d(loss)/d(stack) of one mixing call, accumulated in place by the operators' stack paths.
+
+    Every stack path reads the whole stack, so returning its gradient the ordinary way would cost
+    one full-size buffer per (operator, subset size). Instead each backward adds into one shared
+    buffer, and the node that built the stack (which autograd runs only after all of its
+    consumers) collects the sum with :meth:`take`. Contributions are tagged with the autograd pass
+    that made them: a pass that never reaches the stack (e.g. ``torch.autograd.grad`` on the
+    operators' parameters only, with ``retain_graph=True``) leaves nothing behind for the next one.
+    """
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self._grad: Tensor | None = None
+        self._task = -1
+
+    def buffer(self) -> Tensor:
+        """The accumulator of the current backward pass (zeros the first time), to add into in place."""
+        task = _graph_task_id()
+        if self._grad is None or self._task != task:
+            self._grad = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self._task = task
+        return self._grad
+
+    def take(self) -> Tensor | None:
+        """The sum accumulated in the current pass (None if nothing was added), emptying the accumulator."""
+        grad, task = self._grad, self._task
+        self._grad = None
+        return grad if grad is not None and task == _graph_task_id() else None
+
+
+def pixel_blocks(batch: int, pixels: int, per_pixel: int, device: torch.device) -> list[tuple[slice, slice]]:
+    """``(samples, pixels)`` slices covering ``[batch, pixels]`` for a stack path's blocked loop.
+
+    ``per_pixel`` is the number of elements the largest temporary holds per (sample, pixel). On
+    GPUs there is one block (everything at once); on CPUs blocks hold about ``CPU_BLOCK_ELEMENTS``.
+    """
+    if device.type != "cpu":
+        return [(slice(None), slice(None))]
+    per_sample = pixels * per_pixel
+    if per_sample <= CPU_BLOCK_ELEMENTS:
+        step = max(1, CPU_BLOCK_ELEMENTS // per_sample)
+        return [(slice(b, b + step), slice(None)) for b in range(0, batch, step)]
+    step = max(1, CPU_BLOCK_ELEMENTS // per_pixel)
+    return [(slice(b, b + 1), slice(p, p + step)) for b in range(batch) for p in range(0, pixels, step)]
+
+
+def sample_major(block: Tensor) -> Tensor:
+    """A block ``[L, b, C, p]`` of the stack as contiguous per-sample matrices ``[b, L*C, p]``."""
+    scales, samples, classes, pixels = block.shape
+    return block.transpose(0, 1).reshape(samples, scales * classes, pixels)
+
+
+def matmul_per_sample(matrix: Tensor, batched: Tensor) -> Tensor:
+    """``matrix [m, q] @ batched[i] [q, p]`` for every i: ``[b, m, p]`` (one GEMM per call, no folding copies)."""
+    if batched.shape[0] == 1:
+        return torch.mm(matrix, batched[0]).unsqueeze(0)
+    return torch.bmm(matrix.expand(batched.shape[0], *matrix.shape), batched)

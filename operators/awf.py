@@ -7,6 +7,11 @@ by the member's position in the subset); ``share: subset`` gives every subset it
 
 The fusion is one autograd Function with a closed-form backward: plain autograd would keep and
 allocate several [n, k, B, C, S] intermediates, the analytic gradient needs one.
+
+Stack path: the score convolutions are zero-padded to ``[n*k, L*C]`` (row (n, j) reads only the
+scale of member j), so all scores of a block of pixels are one matrix product with the stack
+block laid out per sample; the weighted sum and the backward then work on small per-block copies
+of the members, and the softmax is recomputed in the backward instead of being stored.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from fusionsearch.operator_api import FusionOperator
+from fusionsearch.operator_api import (
+    FusionOperator,
+    StackGradient,
+    matmul_per_sample,
+    pixel_blocks,
+    sample_major,
+)
 from fusionsearch.registry import register_operator
 
 
@@ -46,6 +57,13 @@ class AttentionWeightedFusion(FusionOperator):
         n, k, b, c = x.shape[:4]
         out = AttentionWeightedSum.apply(x.reshape(n, k, b, c, -1), self.weight, self.bias)
         return out.view(n, *x.shape[2:])
+
+    def mix_stack(self, stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+        """All subsets straight from the stack ``[L, B, C, *S]`` (see ``operator_api``)."""
+        n = index.shape[0]
+        return StackAttentionSum.apply(
+            stack, index, self.weight.expand(n, -1, -1), self.bias.expand(n, -1), gradient
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", share={self.share!r}"
@@ -90,3 +108,86 @@ class AttentionWeightedSum(torch.autograd.Function):
         if copies == 1:
             grad_weight, grad_bias = grad_weight.sum(0, keepdim=True), grad_bias.sum(0, keepdim=True)
         return grad_x, grad_weight, grad_bias
+
+
+class StackAttentionSum(torch.autograd.Function):
+    """``(stack [L,B,C,*S], index [n,k], weight [n,k,C], bias [n,k], gradient) -> [n,B,C,*S]``.
+
+    The same fusion as :class:`AttentionWeightedSum`, read straight from the stack block by block
+    (see :func:`~fusionsearch.operator_api.pixel_blocks`). Backward per block, with the scores
+    recomputed: ``r_j = sum_c G x_j``, ``ds_j = a_j (r_j - sum_i a_i r_i)``; ``a_j G + ds_j w_j`` is
+    added into the shared stack gradient at member j's scale, ``d_weight_j = sum ds_j x_j`` and
+    ``d_bias_j = sum ds_j``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, stack: Tensor, index: Tensor, weight: Tensor, bias: Tensor, gradient: StackGradient
+    ) -> Tensor:
+        n, k, c = weight.shape
+        scales, batch = stack.shape[:2]
+        source = stack.view(scales, batch, c, -1)
+        padded = _padded_score_weights(weight, index, scales)
+        out = stack.new_empty(n, batch, c, source.shape[3])
+        for samples, pixels in pixel_blocks(batch, source.shape[3], (2 * n + scales) * c, stack.device):
+            channels = sample_major(source[:, samples, :, pixels])  # [b, L*C, p]
+            attention = _attention(padded, bias, channels)  # [b, n, k, p]
+            members = channels.view(channels.shape[0], scales, c, -1)
+            fused = attention[:, :, 0].unsqueeze(2) * members.index_select(1, index[:, 0])  # [b, n, C, p]
+            for j in range(1, k):  # members, not subsets
+                fused.addcmul_(attention[:, :, j].unsqueeze(2), members.index_select(1, index[:, j]))
+            out[:, samples, :, pixels] = fused.transpose(0, 1)
+        ctx.save_for_backward(stack, index, weight, bias)
+        ctx.gradient = gradient
+        return out.view(n, *stack.shape[1:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[None, None, Tensor, Tensor, None]:
+        stack, index, weight, bias = ctx.saved_tensors
+        n, k, c = weight.shape
+        scales, batch = stack.shape[:2]
+        source = stack.view(scales, batch, c, -1)
+        upstream = grad.reshape(n, batch, c, -1)
+        accumulator = ctx.gradient.buffer().view(source.shape) if ctx.needs_input_grad[0] else None
+        padded = _padded_score_weights(weight, index, scales)
+        grad_padded = torch.zeros_like(padded)  # [n*k, L*C]; only the members' blocks are kept
+        grad_bias = torch.zeros_like(bias)
+        per_pixel = (k + 3) * n * c + 2 * scales * c
+        for samples, pixels in pixel_blocks(batch, source.shape[3], per_pixel, stack.device):
+            channels = sample_major(source[:, samples, :, pixels])  # [b, L*C, p]
+            attention = _attention(padded, bias, channels)  # [b, n, k, p]
+            members = channels.view(channels.shape[0], scales, c, -1)
+            gathered = [members.index_select(1, index[:, j]) for j in range(k)]  # k x [b, n, C, p]
+            g = upstream[:, samples, :, pixels].transpose(0, 1)  # [b, n, C, p]
+            r = torch.stack([(g * x).sum(dim=2) for x in gathered], dim=2)  # [b, n, k, p]
+            d_scores = (attention * (r - (attention * r).sum(dim=2, keepdim=True))).view(r.shape[0], n * k, -1)
+            grad_bias += d_scores.sum(dim=(0, 2)).view(n, k)
+            grad_padded += torch.bmm(d_scores, channels.transpose(1, 2)).sum(0)
+            if accumulator is None:
+                continue
+            local = matmul_per_sample(padded.t(), d_scores).view(members.shape)  # the scores' share, [b, L, C, p]
+            for j in range(k):
+                local.index_add_(1, index[:, j], attention[:, :, j].unsqueeze(2) * g)
+            accumulator[:, samples, :, pixels] += local.transpose(0, 1)
+        rows = torch.arange(n, device=index.device).unsqueeze(1)
+        columns = torch.arange(k, device=index.device).unsqueeze(0)
+        grad_weight = grad_padded.view(n, k, scales, c)[rows, columns, index]
+        return None, None, grad_weight, grad_bias, None
+
+
+def _padded_score_weights(weight: Tensor, index: Tensor, num_scales: int) -> Tensor:
+    """``[n*k, L*C]``: row (n, j) holds ``weight[n, j]`` in the block of scale ``index[n, j]``, zeros elsewhere."""
+    n, k, c = weight.shape
+    padded = weight.new_zeros(n, k, num_scales, c)
+    rows = torch.arange(n, device=index.device).unsqueeze(1)
+    columns = torch.arange(k, device=index.device).unsqueeze(0)
+    padded[rows, columns, index] = weight
+    return padded.view(n * k, num_scales * c)
+
+
+def _attention(padded: Tensor, bias: Tensor, channels: Tensor) -> Tensor:
+    """Softmax over the members of the scores ``padded @ channels + bias``: ``[b, n, k, p]``."""
+    n, k = bias.shape
+    scores = matmul_per_sample(padded, channels).view(channels.shape[0], n, k, -1)
+    return scores.add_(bias.view(1, n, k, 1)).softmax(dim=2)

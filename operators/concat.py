@@ -3,6 +3,11 @@
 LoMix means this convolution to be learnt with the network (the public reference code builds a
 fresh random convolution at every call, which cannot learn; we keep one per subset). With
 ``share: size`` one convolution serves every subset of the same size.
+
+Stack path: the weights are zero-padded to ``[n*C, L*C]`` (a subset's block of scale l is zero
+when l is not a member), so all subsets of a size are one matrix product with the stack of scales
+per sample, ``[n*C, L*C] @ [L*C, pixels]``, with the long pixel dimension on the large side and
+no gathered copy of the members.
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from fusionsearch.operator_api import FusionOperator
+from fusionsearch.operator_api import (
+    FusionOperator,
+    StackGradient,
+    matmul_per_sample,
+    pixel_blocks,
+    sample_major,
+)
 from fusionsearch.registry import register_operator
 
 
@@ -43,6 +54,17 @@ class Concat(FusionOperator):
         n, k, b, c = x.shape[:4]
         out = ConcatConv.apply(x.reshape(n, k, b, c, -1), self.weight, self.bias)
         return out.view(n, *x.shape[2:])
+
+    def mix_stack(self, stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+        """All subsets straight from the stack ``[L, B, C, *S]`` (see ``operator_api``)."""
+        n, k = index.shape
+        c = self.num_classes
+        weight = self.weight.expand(n, -1, -1, -1)  # [n, C_out, k, C_in]; a view when shared
+        # padded[n, l] = weight[n, :, j, :] where l = index[n, j]; zero for scales outside subset n
+        rows = torch.arange(n, device=index.device).unsqueeze(1)
+        padded = weight.new_zeros(n, stack.shape[0], c, c).index_put((rows, index), weight.transpose(1, 2))
+        padded = padded.transpose(1, 2).reshape(n * c, stack.shape[0] * c)  # [(n, C_out), (l, C_in)]
+        return StackConcatConv.apply(stack, padded, self.bias.expand(n, -1), gradient)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", share={self.share!r}"
@@ -80,3 +102,47 @@ class ConcatConv(torch.autograd.Function):
         if copies == 1:
             grad_weight, grad_bias = grad_weight.sum(0, keepdim=True), grad_bias.sum(0, keepdim=True)
         return grad_x, grad_weight.view_as(weight) if copies > 1 else grad_weight.view(weight.shape), grad_bias
+
+
+class StackConcatConv(torch.autograd.Function):
+    """``(stack [L,B,C,*S], weight [n*C, L*C], bias [n, C], gradient) -> [n, B, C, *S]``.
+
+    Per block of pixels (see :func:`~fusionsearch.operator_api.pixel_blocks`), the stack block is
+    laid out per sample as ``[L*C, pixels]`` and multiplied by the zero-padded weight. Backward:
+    ``d_weight = sum G_b @ S_b^T`` and ``d_stack_b = weight^T @ G_b`` (added into the shared stack
+    gradient); ``d_bias`` is the sum of G over samples and pixels.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, stack: Tensor, weight: Tensor, bias: Tensor, gradient: StackGradient) -> Tensor:
+        n, c = bias.shape
+        scales, batch = stack.shape[:2]
+        source = stack.view(scales, batch, c, -1)
+        out = stack.new_empty(n, batch, c, source.shape[3])
+        for samples, pixels in pixel_blocks(batch, source.shape[3], (n + scales) * c, stack.device):
+            fused = matmul_per_sample(weight, sample_major(source[:, samples, :, pixels]))
+            fused = fused.view(fused.shape[0], n, c, -1).add_(bias.view(1, n, c, 1))
+            out[:, samples, :, pixels] = fused.transpose(0, 1)
+        ctx.save_for_backward(stack, weight)
+        ctx.gradient = gradient
+        return out.view(n, *stack.shape[1:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[None, Tensor, Tensor, None]:
+        stack, weight = ctx.saved_tensors
+        scales, batch, c = stack.shape[:3]
+        n = weight.shape[0] // c
+        source = stack.view(scales, batch, c, -1)
+        upstream = grad.reshape(n, batch, c, -1)
+        accumulator = ctx.gradient.buffer().view(source.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight)
+        grad_bias = upstream.sum(dim=(1, 3))
+        for samples, pixels in pixel_blocks(batch, source.shape[3], 2 * (n + scales) * c, stack.device):
+            channels = sample_major(source[:, samples, :, pixels])  # [b, L*C, p]
+            g = sample_major(upstream[:, samples, :, pixels])  # [b, n*C, p]
+            grad_weight += torch.bmm(g, channels.transpose(1, 2)).sum(0)
+            if accumulator is not None:
+                d_stack = matmul_per_sample(weight.t(), g)  # [b, L*C, p]
+                accumulator[:, samples, :, pixels] += d_stack.view(g.shape[0], scales, c, -1).transpose(0, 1)
+        return None, grad_weight, grad_bias, None

@@ -1,4 +1,8 @@
-"""``mul``: the elementwise product of the members (LoMix's multiplicative fusion)."""
+"""``mul``: the elementwise product of the members (LoMix's multiplicative fusion).
+
+The stack path multiplies the members straight from the stack of scales, block by block, and
+never materialises the gathered members.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from fusionsearch.operator_api import StackGradient, pixel_blocks, stack_path
 from fusionsearch.registry import register_operator
-
-
-@register_operator("mul")
-def mul(x: Tensor) -> Tensor:
-    """Elementwise product of the member logits."""
-    return MemberProduct.apply(x)
 
 
 class MemberProduct(torch.autograd.Function):
@@ -47,3 +46,75 @@ class MemberProduct(torch.autograd.Function):
             if j < k - 1:
                 prefix.mul_(x[:, j])
         return grad_x
+
+
+def product_from_stack(stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+    """Stack path of ``mul``."""
+    return StackProduct.apply(stack, index, gradient)
+
+
+class StackProduct(torch.autograd.Function):
+    """``(stack [L, B, C, *S], index [n, k], gradient) -> [n, B, C, *S]``: the product of each subset.
+
+    Works block by block over the pixels (see :func:`~fusionsearch.operator_api.pixel_blocks`):
+    each block gathers its members (small, cache-resident copies), multiplies them in member
+    order and writes the block of the output. The backward regathers them and adds
+    ``G * prod_{i<j} x_i * prod_{i>j} x_j`` (prefix and suffix products, no division) for every
+    member j into the shared stack gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+        n, k = index.shape
+        scales, batch, classes = stack.shape[:3]
+        source = stack.view(scales, batch, classes, -1)
+        out = stack.new_empty(n, batch, classes, source.shape[3])
+        for samples, pixels in pixel_blocks(batch, source.shape[3], n * classes, stack.device):
+            block = source[:, samples, :, pixels]
+            product = block.index_select(0, index[:, 0])
+            for j in range(1, k):  # members, not subsets
+                product.mul_(block.index_select(0, index[:, j]))
+            out[:, samples, :, pixels] = product
+        ctx.save_for_backward(stack, index)
+        ctx.gradient = gradient
+        return out.view(n, *stack.shape[1:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[None, None, None]:
+        stack, index = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        n, k = index.shape
+        scales, batch, classes = stack.shape[:3]
+        source = stack.view(scales, batch, classes, -1)
+        upstream = grad.reshape(n, batch, classes, -1)
+        accumulator = ctx.gradient.buffer().view(source.shape)
+        for samples, pixels in pixel_blocks(batch, source.shape[3], 2 * k * n * classes, stack.device):
+            block = source[:, samples, :, pixels]
+            members = [block.index_select(0, index[:, j]) for j in range(k)]
+            suffix: list[Tensor | None] = [None] * k  # suffix[j] = x_{j+1} * ... * x_{k-1}
+            running = None
+            for j in range(k - 1, 0, -1):
+                running = members[j] if running is None else running * members[j]
+                suffix[j - 1] = running
+            g = upstream[:, samples, :, pixels]
+            local = torch.zeros_like(block, memory_format=torch.contiguous_format)  # index_add_ is fast on these
+            prefix = None  # x_0 * ... * x_{j-1}
+            for j in range(k):
+                factors = [f for f in (prefix, suffix[j]) if f is not None]
+                term = g * factors[0]
+                for factor in factors[1:]:
+                    term.mul_(factor)
+                local.index_add_(0, index[:, j], term)
+                if j < k - 1:
+                    prefix = members[j] if prefix is None else prefix * members[j]
+            accumulator[:, samples, :, pixels] += local
+        return None, None, None
+
+
+@register_operator("mul")
+@stack_path(product_from_stack)
+def mul(x: Tensor) -> Tensor:
+    """Elementwise product of the member logits."""
+    return MemberProduct.apply(x)

@@ -13,10 +13,12 @@ import operator as py_operator
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusionsearch.compile import compile_space
 from fusionsearch.errors import FusionSearchError
 from fusionsearch.mixer import Mixer
+from fusionsearch.operator_api import has_stack_path
 from fusionsearch.spec import SearchSpace
 
 BATCH, CLASSES = 2, 3
@@ -55,6 +57,19 @@ NAIVE = {
     "concat": _naive_concat,
     "awf": _naive_awf,
 }
+
+
+class RecordOps(TorchDispatchMode):
+    """Counts the aten operators that run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 def naive_mix(mixer: Mixer, logits: list[torch.Tensor]) -> torch.Tensor:
@@ -160,3 +175,79 @@ def test_mixer_refuses_a_precision_mismatch():
     with pytest.raises(FusionSearchError, match=r"parameters are torch.float32 .* mixed in torch.float64"):
         mixer(random_logits(2, 2))
     assert mixer(random_logits(2, 2, torch.float16)).dtype == torch.float32
+
+
+def _check_against_naive(mixer: Mixer, logits: list[torch.Tensor]) -> None:
+    params = list(mixer.parameters())
+    mixed, expected = mixer(logits), naive_mix(mixer, logits)
+    torch.testing.assert_close(mixed, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(mixed)
+    got = torch.autograd.grad((mixed * upstream).sum(), logits + params)
+    want = torch.autograd.grad((expected * upstream).sum(), logits + params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
+
+
+SHARING = {
+    "default": ["concat", "awf"],
+    "other": [{"name": "concat", "share": "size"}, {"name": "awf", "share": "subset"}],
+}
+
+
+@pytest.mark.parametrize("sharing", SHARING)
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("block_elements", [1, 40, 700], ids=["pixel_blocks", "small_blocks", "sample_blocks"])
+def test_stack_paths_in_blocks_match_naive_loop(block_elements, dims, sharing, monkeypatch):
+    """The CPU stack paths walk the pixels in blocks; tiny blocks exercise every way of cutting them."""
+    monkeypatch.setattr("fusionsearch.operator_api.CPU_BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(block_elements + dims)
+    space = SearchSpace.from_dict({"operators": ["add", "mul", "mean", *SHARING[sharing]]})
+    _check_against_naive(Mixer(compile_space(space, 4, CLASSES, dims)).double(), random_logits(4, dims))
+
+
+@pytest.mark.parametrize("sharing", SHARING)
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("num_scales", [2, 3, 4])
+def test_plain_operator_interface_of_builtins_matches_naive_loop(num_scales, dims, sharing, monkeypatch):
+    """With the stack paths switched off, the built-ins' x: [n, k, B, C, *S] forwards give the same terms."""
+    monkeypatch.setattr("fusionsearch.mixer.has_stack_path", lambda operator: False)
+    torch.manual_seed(7 * num_scales + dims)
+    space = SearchSpace.from_dict({"operators": ["add", "mul", "mean", "max", *SHARING[sharing]]})
+    mixer = Mixer(compile_space(space, num_scales, CLASSES, dims)).double()
+    with RecordOps() as recorder:
+        _check_against_naive(mixer, random_logits(num_scales, dims))
+    assert "index_select" in recorder.ops and "mm" not in recorder.ops  # gathered members, no stack GEMMs
+
+
+def test_subclass_overriding_forward_uses_the_plain_interface():
+    from fusionsearch.operators.concat import Concat
+
+    class DoubledConcat(Concat):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    space = SearchSpace.from_dict({"operators": ["concat"], "include_originals": False})
+    mixer = Mixer(compile_space(space, 2, CLASSES, 2)).double()
+    logits = random_logits(2, 2)
+    plain = mixer(logits)
+    module = mixer.operators["concat_k2"]
+    module.__class__ = DoubledConcat
+    assert has_stack_path(Concat(2, CLASSES, 2, 1)) and not has_stack_path(module)
+    torch.testing.assert_close(mixer(logits), 2 * plain)
+
+
+def test_repeated_and_partial_backward_passes(monkeypatch):
+    """retain_graph: each pass gets exactly its own gradient, also after a pass that skipped the logits."""
+    torch.manual_seed(3)
+    space = SearchSpace.from_dict({"operators": ["add", "mul", "concat", "awf"]})
+    mixer = Mixer(compile_space(space, 3, CLASSES, 2)).double()
+    logits = random_logits(3, 2)
+    params = list(mixer.parameters())
+    total = (mixer(logits) * torch.randn(3 + 4 * 4, BATCH, CLASSES, *SPATIAL[2], dtype=torch.float64)).sum()
+    first = torch.autograd.grad(total, logits + params, retain_graph=True)
+    only_params = torch.autograd.grad(total, params, retain_graph=True)  # never reaches the logits
+    second = torch.autograd.grad(total, logits + params)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(first[3:], only_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -13,7 +13,13 @@ import fusionsearch as fs
 from fusionsearch.compile import compile_space
 from fusionsearch.errors import FusionSearchError, UnknownNameError
 from fusionsearch.mixer import Mixer
-from fusionsearch.operator_api import FusionOperator, describe_operator, parametric, validate_options
+from fusionsearch.operator_api import (
+    FusionOperator,
+    describe_operator,
+    has_stack_path,
+    parametric,
+    validate_options,
+)
 from fusionsearch.spec import SearchSpace
 
 CLASSES = 3
@@ -40,6 +46,29 @@ def test_analytic_backward_passes_gradcheck(function, copies):
         )
     inputs = tuple(t.requires_grad_() for t in inputs)
     assert torch.autograd.gradcheck(apply, inputs)
+
+
+@pytest.mark.parametrize("block_elements", [1 << 20, 100], ids=["one_block", "several_blocks"])
+@pytest.mark.parametrize(
+    "operator",
+    ["add", "mean", "mul", "concat", {"name": "concat", "share": "size"}, "awf", {"name": "awf", "share": "subset"}],
+    ids=str,
+)
+def test_stack_path_backward_passes_gradcheck(operator, block_elements, monkeypatch):
+    """The stack paths' analytic backwards (stack gradient through the shared accumulator, parameters)."""
+    monkeypatch.setattr("fusionsearch.operator_api.CPU_BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(12)
+    space = SearchSpace.from_dict({"operators": [operator], "include_originals": False})
+    mixer = Mixer(compile_space(space, 3, 2, 2)).double()
+    assert all(has_stack_path(module) for module in mixer.operators.values())
+    names = [name for name, _ in mixer.named_parameters()]
+    logits = [torch.randn(2, 2, 2, 2, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    params = [p.detach().clone().requires_grad_() for p in mixer.parameters()]
+
+    def mix(*tensors):
+        return torch.func.functional_call(mixer, dict(zip(names, tensors[3:], strict=True)), (list(tensors[:3]),))
+
+    assert torch.autograd.gradcheck(mix, (*logits, *params))
 
 
 def test_parametric_operators_own_the_documented_parameters():
