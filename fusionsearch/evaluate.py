@@ -160,7 +160,8 @@ def evaluate_volumes(
     cases: list[str] = []
     dice = np.empty((len(dataset), num_classes - 1))
     hd95 = np.empty_like(dice)
-    for row in tqdm(range(len(dataset)), desc=f"evaluate ({protocol})", unit="case", disable=not progress):
+    bar_off = None if progress else True  # None: shown on a terminal only
+    for row in tqdm(range(len(dataset)), desc=f"evaluate ({protocol})", unit="case", disable=bar_off):
         item = dataset[row]
         case = str(item.get("case", row))
         image, label = _check_volume(item, case, num_classes)

@@ -268,7 +268,8 @@ def run(
     extra = {"recipe": resolved, "num_classes": num_classes, "class_names": class_names}
 
     def validate(model: nn.Module, criterion: nn.Module) -> dict[str, float]:
-        result = _evaluate(recipe, model, criterion, valid_set, num_classes, device, progress)
+        # the training bar already shows progress; a bar per validation would flood logs
+        result = _evaluate(recipe, model, criterion, valid_set, num_classes, device, progress=False)
         return {"val_dice": 100.0 * result.mean_dice, "val_hd95": result.mean_hd95}
 
     trainer = Trainer(
