@@ -63,11 +63,13 @@ class Criterion(nn.Module):
         return self.graph.names
 
     def forward(self, logits: Sequence[Tensor], target: Tensor) -> CriterionOutput:
-        stacked, gradient = self.mixer.stack(self._resized(logits, self._target_size(target)))
+        resized = self._resized(logits, self._target_size(target))
+        stacked, context = self.mixer.stack(resized, recycle_outputs=True)
         with torch.autocast(device_type=stacked.device.type, enabled=False):
             # Each block of terms is scored as soon as it is mixed: the same per-term losses as
-            # term_loss(mix(logits)), without allocating and copying the whole [K, B, C, *S] tensor.
-            blocks = [self.term_loss(block, target) for block in self.mixer.iter_parts(stacked, gradient)]
+            # term_loss(mix(logits)), without the whole [K, B, C, *S] tensor; the loss keeps nothing
+            # of a block, so the operators write every block into the same recycled memory.
+            blocks = [self.term_loss(block, target) for block in self.mixer.iter_parts(stacked, context)]
             losses = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
             total, weights = self.weighting(losses)
         return CriterionOutput(total=total, terms=self.terms, losses=losses, weights=weights)

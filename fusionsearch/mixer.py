@@ -30,7 +30,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fusionsearch.compile import Graph
 from fusionsearch.errors import FusionSearchError
-from fusionsearch.operator_api import StackGradient, build_operator, has_stack_path
+from fusionsearch.operator_api import StackContext, build_operator, has_stack_path
 
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -75,17 +75,18 @@ class Mixer(nn.Module):
             self.register_buffer(f"gather_index_{i}", index.reshape(-1), persistent=False)
 
     def forward(self, logits: Sequence[Tensor]) -> Tensor:
-        stacked, gradient = self.stack(logits)
+        stacked, context = self.stack(logits)
         with torch.autocast(device_type=stacked.device.type, enabled=False):
-            parts = list(self.iter_parts(stacked, gradient))
+            parts = list(self.iter_parts(stacked, context))
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def iter_parts(self, stacked: Tensor, gradient: StackGradient) -> Iterator[Tensor]:
+    def iter_parts(self, stacked: Tensor, context: StackContext) -> Iterator[Tensor]:
         """The terms in order, as consecutive blocks ``[n, B, C, *S]``: the originals, then one per group.
 
-        ``stacked`` and ``gradient`` come from :meth:`stack`; run this with autocast disabled. A
+        ``stacked`` and ``context`` come from :meth:`stack`; run this with autocast disabled. A
         consumer that scores each block as it comes (the criterion) never needs the whole
-        ``[K, B, C, *S]`` tensor at once.
+        ``[K, B, C, *S]`` tensor at once; with ``recycle_outputs`` it must be done with a block
+        before asking for the next (see :class:`~fusionsearch.operator_api.StackContext`).
         """
         if self.graph.originals:
             yield stacked if self._originals_are_stack else stacked.index_select(0, self.original_index)
@@ -95,19 +96,19 @@ class Mixer(nn.Module):
         ):
             index = getattr(self, f"gather_index_{gather}")
             if has_stack_path(operator):
-                yield operator.mix_stack(stacked, index.view(group.n_subsets, group.size), gradient)
+                yield operator.mix_stack(stacked, index.view(group.n_subsets, group.size), context)
                 continue
             if gather not in gathered:
                 members = stacked.index_select(0, index)
                 gathered[gather] = members.view(group.n_subsets, group.size, *stacked.shape[1:])
             yield operator(gathered[gather])
 
-    def stack(self, logits: Sequence[Tensor]) -> tuple[Tensor, StackGradient]:
+    def stack(self, logits: Sequence[Tensor], *, recycle_outputs: bool = False) -> tuple[Tensor, StackContext]:
         """Check the logits and stack the used scales into ``[L', B, C, *S]`` in the mixing dtype.
 
-        Also returns the accumulator the operators' stack paths add the stack's gradient into; the
-        stack's autograd node hands that sum (plus the gradient reaching it the ordinary way) back
-        to the logits.
+        Also returns the :class:`~fusionsearch.operator_api.StackContext` of the call: the operators'
+        stack paths add the stack's gradient into it (the stack's autograd node hands that sum, plus
+        the gradient reaching it the ordinary way, back to the logits) and take their outputs from it.
         """
         items = check_logits(logits, self.graph, self.used_scales)
         dtype = functools.reduce(torch.promote_types, (items[s].dtype for s in self.used_scales))
@@ -120,10 +121,11 @@ class Mixer(nn.Module):
                 f"Convert the criterion to the logits' precision (criterion.to({dtype})) or the logits to "
                 f"the criterion's; half-precision logits are mixed in float32 and need a float32 criterion."
             )
-        gradient = StackGradient(torch.Size((len(used), *used[0].shape)), dtype, used[0].device)
+        shape = torch.Size((len(used), *used[0].shape))
+        context = StackContext(shape, dtype, used[0].device, recycle_outputs=recycle_outputs)
         if self._uses_stack_paths and torch.is_grad_enabled() and any(item.requires_grad for item in used):
-            return _StackForMixing.apply(gradient, *used), gradient
-        return torch.stack(used), gradient
+            return _StackForMixing.apply(context, *used), context
+        return torch.stack(used), context
 
     @property
     def _uses_stack_paths(self) -> bool:
@@ -134,26 +136,26 @@ class _StackForMixing(torch.autograd.Function):
     """``torch.stack`` of the logits whose backward also collects the stack paths' shared gradient.
 
     Autograd runs this node only after every consumer of the stack, so by then each stack path has
-    added its share into the :class:`StackGradient`; the ordinary gradient (originals, gathered
+    added its share into the :class:`StackContext`'s buffer; the ordinary gradient (originals, gathered
     operators) is added to that sum, and the logits get views of the one buffer.
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, gradient: StackGradient, *logits: Tensor) -> Tensor:
-        ctx.gradient = gradient
+    def forward(ctx: FunctionCtx, context: StackContext, *logits: Tensor) -> Tensor:
+        ctx.stack_context = context
         ctx.set_materialize_grads(False)
         return torch.stack(logits)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor | None) -> tuple[Tensor | None, ...]:
-        total = ctx.gradient.take()
+        total = ctx.stack_context.take_gradient()
         if total is None:
             total = grad
         elif grad is not None:
             total.add_(grad)
         if total is None:
-            return (None,) * (1 + ctx.gradient.shape[0])
+            return (None,) * (1 + ctx.stack_context.shape[0])
         return (None, *total.unbind(0))
 
 

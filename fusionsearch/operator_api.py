@@ -21,10 +21,11 @@ space is validated, so a misspelt or mistyped option is reported by file and fie
 training starts.
 
 **Stack paths (optional, used by the built-ins).** Gathering ``x`` copies every member of every
-subset. An operator may also offer ``mix_stack(stack, index, gradient)``: it fuses the subsets
+subset. An operator may also offer ``mix_stack(stack, index, context)``: it fuses the subsets
 straight from the stack of scales ``[L, B, C, *S]`` given the subset index matrix ``[n, k]``
-(positions in the stack) and, in its backward, adds its share of d(loss)/d(stack) into the
-:class:`StackGradient` ``gradient`` instead of returning a full-size gradient of its own. The
+(positions in the stack), takes its output memory from the :class:`StackContext` ``context`` and,
+in its backward, adds its share of d(loss)/d(stack) into the context's gradient buffer instead of
+returning a full-size gradient of its own. The
 mixer uses it when the class that defines ``forward`` also defines ``mix_stack`` (so a subclass
 that overrides ``forward`` falls back to the plain interface); stateless functions attach one with
 :func:`stack_path`. Third-party operators need none of this.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +75,7 @@ def parametric(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def stack_path(kernel: Callable[..., Tensor]) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Attach a stack path ``kernel(stack, index, gradient, **options)`` to a stateless operator function."""
+    """Attach a stack path ``kernel(stack, index, context, **options)`` to a stateless operator function."""
 
     def attach(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         fn.__fusion_stack_path__ = kernel  # type: ignore[attr-defined]
@@ -93,9 +95,9 @@ class StatelessOperator(nn.Module):
         kernel = getattr(fn, "__fusion_stack_path__", None)
         self.stack_kernel = functools.partial(kernel, **options) if kernel is not None and options else kernel
 
-    def mix_stack(self, stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+    def mix_stack(self, stack: Tensor, index: Tensor, context: StackContext) -> Tensor:
         """The function's stack path (only called when :func:`has_stack_path` says it has one)."""
-        return self.stack_kernel(stack, index, gradient)
+        return self.stack_kernel(stack, index, context)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(x)
@@ -220,23 +222,45 @@ def _graph_task_id() -> int:
     return current() if current is not None else -1
 
 
-class StackGradient:
-    """d(loss)/d(stack) of one mixing call, accumulated in place by the operators' stack paths.
+class StackContext:
+    """What the stack paths of one mixing call share: the stack's gradient and the output memory.
 
-    Every stack path reads the whole stack, so returning its gradient the ordinary way would cost
-    one full-size buffer per (operator, subset size). Instead each backward adds into one shared
-    buffer, and the node that built the stack (which autograd runs only after all of its
-    consumers) collects the sum with :meth:`take`. Contributions are tagged with the autograd pass
-    that made them: a pass that never reaches the stack (e.g. ``torch.autograd.grad`` on the
-    operators' parameters only, with ``retain_graph=True``) leaves nothing behind for the next one.
+    **Gradient.** Every stack path reads the whole stack, so returning its gradient the ordinary
+    way would cost one full-size buffer per (operator, subset size). Instead each backward adds
+    into one shared :meth:`gradient_buffer`, and the node that built the stack (which autograd
+    runs only after all of its consumers) collects the sum with :meth:`take_gradient`.
+    Contributions are tagged with the autograd pass that made them: a pass that never reaches the
+    stack (e.g. ``torch.autograd.grad`` on the operators' parameters only, with
+    ``retain_graph=True``) leaves nothing behind for the next one.
+
+    **Outputs.** :meth:`new_output` gives each group's result fresh memory, unless the caller
+    consumes every block before asking for the next one (the criterion scores each block as it is
+    mixed) and says so with ``recycle_outputs``: then all blocks are views of one buffer, which
+    saves the CPU from page-faulting a fresh block-sized buffer per group. The stack paths save
+    no output for their backward; should anything else keep a block past the next one, autograd
+    raises (a view whose base was modified in place) instead of computing a wrong gradient.
     """
 
-    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, shape: torch.Size, dtype: torch.dtype, device: torch.device, *, recycle_outputs: bool = False
+    ) -> None:
         self.shape, self.dtype, self.device = shape, dtype, device
+        self.recycle_outputs = recycle_outputs
+        self._outputs: Tensor | None = None
         self._grad: Tensor | None = None
         self._task = -1
 
-    def buffer(self) -> Tensor:
+    def new_output(self, n: int) -> Tensor:
+        """Uninitialised memory for ``n`` terms shaped like one scale, ``[n, B, C, *S]``."""
+        shape = (n, *self.shape[1:])
+        if not self.recycle_outputs:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        numel = math.prod(shape)
+        if self._outputs is None or self._outputs.numel() < numel:
+            self._outputs = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self._outputs[:numel].view(shape)
+
+    def gradient_buffer(self) -> Tensor:
         """The accumulator of the current backward pass (zeros the first time), to add into in place."""
         task = _graph_task_id()
         if self._grad is None or self._task != task:
@@ -244,7 +268,7 @@ class StackGradient:
             self._task = task
         return self._grad
 
-    def take(self) -> Tensor | None:
+    def take_gradient(self) -> Tensor | None:
         """The sum accumulated in the current pass (None if nothing was added), emptying the accumulator."""
         grad, task = self._grad, self._task
         self._grad = None

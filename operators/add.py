@@ -10,29 +10,31 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from fusionsearch.operator_api import StackGradient, stack_path
+from fusionsearch.operator_api import StackContext, stack_path
 from fusionsearch.registry import register_operator
 
 
 class WeightedStackSum(torch.autograd.Function):
-    """``(stack [L, B, C, *S], weights [n, L], gradient) -> weights @ stack`` as ``[n, B, C, *S]``.
+    """``(stack [L, B, C, *S], weights [n, L], context) -> weights @ stack`` as ``[n, B, C, *S]``.
 
-    The gradient of the stack, ``weights^T @ grad``, is added into ``gradient`` (see
-    :class:`~fusionsearch.operator_api.StackGradient`); ``weights`` is a constant.
+    The gradient of the stack, ``weights^T @ grad``, is added into the context's gradient buffer
+    (see :class:`~fusionsearch.operator_api.StackContext`); ``weights`` is a constant.
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, stack: Tensor, weights: Tensor, gradient: StackGradient) -> Tensor:
+    def forward(ctx: FunctionCtx, stack: Tensor, weights: Tensor, context: StackContext) -> Tensor:
         ctx.save_for_backward(weights)
-        ctx.gradient = gradient
-        return torch.mm(weights, stack.reshape(stack.shape[0], -1)).view(weights.shape[0], *stack.shape[1:])
+        ctx.stack_context = context
+        out = context.new_output(weights.shape[0])
+        torch.mm(weights, stack.reshape(stack.shape[0], -1), out=out.view(weights.shape[0], -1))
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[None, None, None]:
         (weights,) = ctx.saved_tensors
         if ctx.needs_input_grad[0]:
-            accumulator = ctx.gradient.buffer()
+            accumulator = ctx.stack_context.gradient_buffer()
             accumulator.view(weights.shape[1], -1).addmm_(weights.t(), grad.reshape(weights.shape[0], -1))
         return None, None, None
 
@@ -43,9 +45,9 @@ def membership(index: Tensor, num_scales: int, value: float, dtype: torch.dtype)
     return weights.scatter_(1, index, value)
 
 
-def sum_from_stack(stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+def sum_from_stack(stack: Tensor, index: Tensor, context: StackContext) -> Tensor:
     """Stack path of ``add``."""
-    return WeightedStackSum.apply(stack, membership(index, stack.shape[0], 1.0, stack.dtype), gradient)
+    return WeightedStackSum.apply(stack, membership(index, stack.shape[0], 1.0, stack.dtype), context)
 
 
 @register_operator("add")

@@ -25,7 +25,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fusionsearch.operator_api import (
     FusionOperator,
-    StackGradient,
+    StackContext,
     matmul_per_sample,
     pixel_blocks,
     sample_major,
@@ -58,11 +58,11 @@ class AttentionWeightedFusion(FusionOperator):
         out = AttentionWeightedSum.apply(x.reshape(n, k, b, c, -1), self.weight, self.bias)
         return out.view(n, *x.shape[2:])
 
-    def mix_stack(self, stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+    def mix_stack(self, stack: Tensor, index: Tensor, context: StackContext) -> Tensor:
         """All subsets straight from the stack ``[L, B, C, *S]`` (see ``operator_api``)."""
         n = index.shape[0]
         return StackAttentionSum.apply(
-            stack, index, self.weight.expand(n, -1, -1), self.bias.expand(n, -1), gradient
+            stack, index, self.weight.expand(n, -1, -1), self.bias.expand(n, -1), context
         )
 
     def extra_repr(self) -> str:
@@ -111,7 +111,7 @@ class AttentionWeightedSum(torch.autograd.Function):
 
 
 class StackAttentionSum(torch.autograd.Function):
-    """``(stack [L,B,C,*S], index [n,k], weight [n,k,C], bias [n,k], gradient) -> [n,B,C,*S]``.
+    """``(stack [L,B,C,*S], index [n,k], weight [n,k,C], bias [n,k], context) -> [n,B,C,*S]``.
 
     The same fusion as :class:`AttentionWeightedSum`, read straight from the stack block by block
     (see :func:`~fusionsearch.operator_api.pixel_blocks`). Backward per block, with the scores
@@ -122,13 +122,13 @@ class StackAttentionSum(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, stack: Tensor, index: Tensor, weight: Tensor, bias: Tensor, gradient: StackGradient
+        ctx: FunctionCtx, stack: Tensor, index: Tensor, weight: Tensor, bias: Tensor, context: StackContext
     ) -> Tensor:
         n, k, c = weight.shape
         scales, batch = stack.shape[:2]
         source = stack.view(scales, batch, c, -1)
         padded = _padded_score_weights(weight, index, scales)
-        out = stack.new_empty(n, batch, c, source.shape[3])
+        out = context.new_output(n).view(n, batch, c, -1)
         for samples, pixels in pixel_blocks(batch, source.shape[3], (2 * n + scales) * c, stack.device):
             channels = sample_major(source[:, samples, :, pixels])  # [b, L*C, p]
             attention = _attention(padded, bias, channels)  # [b, n, k, p]
@@ -138,7 +138,7 @@ class StackAttentionSum(torch.autograd.Function):
                 fused.addcmul_(attention[:, :, j].unsqueeze(2), members.index_select(1, index[:, j]))
             out[:, samples, :, pixels] = fused.transpose(0, 1)
         ctx.save_for_backward(stack, index, weight, bias)
-        ctx.gradient = gradient
+        ctx.stack_context = context
         return out.view(n, *stack.shape[1:])
 
     @staticmethod
@@ -149,7 +149,7 @@ class StackAttentionSum(torch.autograd.Function):
         scales, batch = stack.shape[:2]
         source = stack.view(scales, batch, c, -1)
         upstream = grad.reshape(n, batch, c, -1)
-        accumulator = ctx.gradient.buffer().view(source.shape) if ctx.needs_input_grad[0] else None
+        accumulator = ctx.stack_context.gradient_buffer().view(source.shape) if ctx.needs_input_grad[0] else None
         padded = _padded_score_weights(weight, index, scales)
         grad_padded = torch.zeros_like(padded)  # [n*k, L*C]; only the members' blocks are kept
         grad_bias = torch.zeros_like(bias)

@@ -21,7 +21,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fusionsearch.operator_api import (
     FusionOperator,
-    StackGradient,
+    StackContext,
     matmul_per_sample,
     pixel_blocks,
     sample_major,
@@ -55,7 +55,7 @@ class Concat(FusionOperator):
         out = ConcatConv.apply(x.reshape(n, k, b, c, -1), self.weight, self.bias)
         return out.view(n, *x.shape[2:])
 
-    def mix_stack(self, stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+    def mix_stack(self, stack: Tensor, index: Tensor, context: StackContext) -> Tensor:
         """All subsets straight from the stack ``[L, B, C, *S]`` (see ``operator_api``)."""
         n, k = index.shape
         c = self.num_classes
@@ -64,7 +64,7 @@ class Concat(FusionOperator):
         rows = torch.arange(n, device=index.device).unsqueeze(1)
         padded = weight.new_zeros(n, stack.shape[0], c, c).index_put((rows, index), weight.transpose(1, 2))
         padded = padded.transpose(1, 2).reshape(n * c, stack.shape[0] * c)  # [(n, C_out), (l, C_in)]
-        return StackConcatConv.apply(stack, padded, self.bias.expand(n, -1), gradient)
+        return StackConcatConv.apply(stack, padded, self.bias.expand(n, -1), context)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", share={self.share!r}"
@@ -105,26 +105,26 @@ class ConcatConv(torch.autograd.Function):
 
 
 class StackConcatConv(torch.autograd.Function):
-    """``(stack [L,B,C,*S], weight [n*C, L*C], bias [n, C], gradient) -> [n, B, C, *S]``.
+    """``(stack [L,B,C,*S], weight [n*C, L*C], bias [n, C], context) -> [n, B, C, *S]``.
 
     Per block of pixels (see :func:`~fusionsearch.operator_api.pixel_blocks`), the stack block is
     laid out per sample as ``[L*C, pixels]`` and multiplied by the zero-padded weight. Backward:
     ``d_weight = sum G_b @ S_b^T`` and ``d_stack_b = weight^T @ G_b`` (added into the shared stack
-    gradient); ``d_bias`` is the sum of G over samples and pixels.
+    gradient buffer); ``d_bias`` is the sum of G over samples and pixels.
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, stack: Tensor, weight: Tensor, bias: Tensor, gradient: StackGradient) -> Tensor:
+    def forward(ctx: FunctionCtx, stack: Tensor, weight: Tensor, bias: Tensor, context: StackContext) -> Tensor:
         n, c = bias.shape
         scales, batch = stack.shape[:2]
         source = stack.view(scales, batch, c, -1)
-        out = stack.new_empty(n, batch, c, source.shape[3])
+        out = context.new_output(n).view(n, batch, c, -1)
         for samples, pixels in pixel_blocks(batch, source.shape[3], (n + scales) * c, stack.device):
             fused = matmul_per_sample(weight, sample_major(source[:, samples, :, pixels]))
             fused = fused.view(fused.shape[0], n, c, -1).add_(bias.view(1, n, c, 1))
             out[:, samples, :, pixels] = fused.transpose(0, 1)
         ctx.save_for_backward(stack, weight)
-        ctx.gradient = gradient
+        ctx.stack_context = context
         return out.view(n, *stack.shape[1:])
 
     @staticmethod
@@ -135,7 +135,7 @@ class StackConcatConv(torch.autograd.Function):
         n = weight.shape[0] // c
         source = stack.view(scales, batch, c, -1)
         upstream = grad.reshape(n, batch, c, -1)
-        accumulator = ctx.gradient.buffer().view(source.shape) if ctx.needs_input_grad[0] else None
+        accumulator = ctx.stack_context.gradient_buffer().view(source.shape) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight)
         grad_bias = upstream.sum(dim=(1, 3))
         for samples, pixels in pixel_blocks(batch, source.shape[3], 2 * (n + scales) * c, stack.device):

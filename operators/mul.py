@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from fusionsearch.operator_api import StackGradient, pixel_blocks, stack_path
+from fusionsearch.operator_api import StackContext, pixel_blocks, stack_path
 from fusionsearch.registry import register_operator
 
 
@@ -48,13 +48,13 @@ class MemberProduct(torch.autograd.Function):
         return grad_x
 
 
-def product_from_stack(stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+def product_from_stack(stack: Tensor, index: Tensor, context: StackContext) -> Tensor:
     """Stack path of ``mul``."""
-    return StackProduct.apply(stack, index, gradient)
+    return StackProduct.apply(stack, index, context)
 
 
 class StackProduct(torch.autograd.Function):
-    """``(stack [L, B, C, *S], index [n, k], gradient) -> [n, B, C, *S]``: the product of each subset.
+    """``(stack [L, B, C, *S], index [n, k], context) -> [n, B, C, *S]``: the product of each subset.
 
     Works block by block over the pixels (see :func:`~fusionsearch.operator_api.pixel_blocks`):
     each block gathers its members (small, cache-resident copies), multiplies them in member
@@ -64,11 +64,11 @@ class StackProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, stack: Tensor, index: Tensor, gradient: StackGradient) -> Tensor:
+    def forward(ctx: FunctionCtx, stack: Tensor, index: Tensor, context: StackContext) -> Tensor:
         n, k = index.shape
         scales, batch, classes = stack.shape[:3]
         source = stack.view(scales, batch, classes, -1)
-        out = stack.new_empty(n, batch, classes, source.shape[3])
+        out = context.new_output(n).view(n, batch, classes, -1)
         for samples, pixels in pixel_blocks(batch, source.shape[3], n * classes, stack.device):
             block = source[:, samples, :, pixels]
             product = block.index_select(0, index[:, 0])
@@ -76,7 +76,7 @@ class StackProduct(torch.autograd.Function):
                 product.mul_(block.index_select(0, index[:, j]))
             out[:, samples, :, pixels] = product
         ctx.save_for_backward(stack, index)
-        ctx.gradient = gradient
+        ctx.stack_context = context
         return out.view(n, *stack.shape[1:])
 
     @staticmethod
@@ -89,7 +89,7 @@ class StackProduct(torch.autograd.Function):
         scales, batch, classes = stack.shape[:3]
         source = stack.view(scales, batch, classes, -1)
         upstream = grad.reshape(n, batch, classes, -1)
-        accumulator = ctx.gradient.buffer().view(source.shape)
+        accumulator = ctx.stack_context.gradient_buffer().view(source.shape)
         for samples, pixels in pixel_blocks(batch, source.shape[3], 2 * k * n * classes, stack.device):
             block = source[:, samples, :, pixels]
             members = [block.index_select(0, index[:, j]) for j in range(k)]

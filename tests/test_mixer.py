@@ -251,3 +251,30 @@ def test_repeated_and_partial_backward_passes(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(first[3:], only_params, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_recycled_outputs_are_views_of_one_buffer_and_stale_ones_are_refused():
+    torch.manual_seed(4)
+    space = SearchSpace.from_dict({"operators": ["add", "mul", "concat", "awf"], "include_originals": False})
+    mixer = Mixer(compile_space(space, 3, CLASSES, 2)).double()
+    logits = random_logits(3, 2)
+    expected = naive_mix(mixer, logits)
+    upstream = torch.randn_like(expected)
+    stacked, context = mixer.stack(logits, recycle_outputs=True)
+    scores, bases, start = [], set(), 0
+    for block in mixer.iter_parts(stacked, context):  # consumed (nothing saved) before the next one
+        end = start + block.shape[0]
+        torch.testing.assert_close(block, expected[start:end], rtol=1e-12, atol=1e-12)
+        scores.append((block * upstream[start:end]).sum())
+        bases.add(block._base.data_ptr())
+        start = end
+    assert len(bases) == 1 and start == len(expected)
+    got = torch.autograd.grad(sum(scores), logits)
+    want = torch.autograd.grad((expected * upstream).sum(), logits)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
+
+    stacked, context = mixer.stack(logits, recycle_outputs=True)
+    blocks = list(mixer.iter_parts(stacked, context))  # kept: all but the last were overwritten
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        (blocks[0] * 2).sum().backward()
