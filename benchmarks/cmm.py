@@ -22,9 +22,16 @@ other processes on a shared machine.
     python benchmarks/cmm.py                      # the full-size table (a few minutes on 2 cores)
     python benchmarks/cmm.py --batch 2 --size 64 --repeats 3
     python benchmarks/cmm.py --threads 1          # most repeatable on a machine shared with other work
+    python benchmarks/cmm.py --no-keep-freed-memory   # glibc's default allocator behaviour
 
 With several threads on a busy machine, every parallel region waits for a descheduled thread, which
 penalises variants made of many small operations (the floor, the naive loop) far more than others.
+
+By default every variant's process first calls ``fusionsearch.allocator.keep_freed_memory()`` (as a
+training process should): with glibc's defaults, tensors above a few tens of megabytes are mapped
+afresh and page-faulted on every allocation, which costs about as much as the arithmetic and
+varies from run to run with the history of the heap. ``--no-keep-freed-memory`` measures that
+default behaviour; either way all variants run under the same setting.
 """
 
 from __future__ import annotations
@@ -52,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="call fusionsearch.allocator.keep_freed_memory() in every variant's process (default: on)",
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -191,6 +204,9 @@ def build_step(variant: str, args: argparse.Namespace) -> tuple[Callable[[], Non
 def run_worker(args: argparse.Namespace) -> dict:
     import torch
 
+    from fusionsearch.allocator import keep_freed_memory
+
+    allocator_kept = keep_freed_memory() if args.keep_freed_memory else False
     if args.threads:
         torch.set_num_threads(args.threads)
     step, k = build_step(args.worker, args)
@@ -218,6 +234,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "first_s": first_s,
         "peak_mb": peak_kb / 1024,
         "threads": torch.get_num_threads(),
+        "allocator_kept": allocator_kept,
     }
 
 
@@ -225,6 +242,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", variant]
     for name in ("space", "scales", "classes", "batch", "size", "repeats", "warmup", "threads"):
         command += [f"--{name}", str(getattr(args, name))]
+    command.append("--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory")
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"variant '{variant}' failed:\n{done.stderr}")
@@ -268,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.size}x{args.size} float32 CPU, torch threads={first['threads']}, "
         f"{args.repeats} timed steps after {args.warmup} warm-up"
     )
+    if not args.keep_freed_memory:
+        allocator = "default (glibc maps large blocks afresh and trims its heap)"
+    elif all(r["allocator_kept"] for r in results):
+        allocator = "keep_freed_memory() in every variant (freed memory reused, no page faults)"
+    else:
+        allocator = "keep_freed_memory() asked for but unavailable (no glibc): default allocator"
+    print(f"allocator: {allocator}")
     print(format_table(results))
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} CPUs")
     return 0

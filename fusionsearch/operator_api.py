@@ -247,6 +247,7 @@ class StackContext:
         self.shape, self.dtype, self.device = shape, dtype, device
         self.recycle_outputs = recycle_outputs
         self._outputs: Tensor | None = None
+        self._by_sample: Tensor | None = None
         self._grad: Tensor | None = None
         self._task = -1
 
@@ -259,6 +260,18 @@ class StackContext:
         if self._outputs is None or self._outputs.numel() < numel:
             self._outputs = torch.empty(numel, dtype=self.dtype, device=self.device)
         return self._outputs[:numel].view(shape)
+
+    def channels_by_sample(self, stack: Tensor) -> Tensor:
+        """The stack laid out per sample, ``[B, L*C, pixels]``: one contiguous matrix per sample.
+
+        Made once per call and shared by the stack paths that contract over (scale, class), whose
+        blocks are then views of it (a matrix with row stride ``pixels`` is a valid GEMM operand).
+        """
+        if self._by_sample is None:
+            scales, batch, classes = stack.shape[:3]
+            by_sample = stack.detach().view(scales, batch, classes, -1).transpose(0, 1)
+            self._by_sample = by_sample.reshape(batch, scales * classes, -1)
+        return self._by_sample
 
     def gradient_buffer(self) -> Tensor:
         """The accumulator of the current backward pass (zeros the first time), to add into in place."""
@@ -292,9 +305,9 @@ def pixel_blocks(batch: int, pixels: int, per_pixel: int, device: torch.device) 
 
 
 def sample_major(block: Tensor) -> Tensor:
-    """A block ``[L, b, C, p]`` of the stack as contiguous per-sample matrices ``[b, L*C, p]``."""
-    scales, samples, classes, pixels = block.shape
-    return block.transpose(0, 1).reshape(samples, scales * classes, pixels)
+    """A block ``[m, b, C, p]`` (of the stack or of a group's gradient) as per-sample matrices ``[b, m*C, p]``."""
+    rows, samples, classes, pixels = block.shape
+    return block.transpose(0, 1).reshape(samples, rows * classes, pixels)
 
 
 def matmul_per_sample(matrix: Tensor, batched: Tensor) -> Tensor:

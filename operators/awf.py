@@ -28,7 +28,6 @@ from fusionsearch.operator_api import (
     StackContext,
     matmul_per_sample,
     pixel_blocks,
-    sample_major,
 )
 from fusionsearch.registry import register_operator
 
@@ -129,8 +128,9 @@ class StackAttentionSum(torch.autograd.Function):
         source = stack.view(scales, batch, c, -1)
         padded = _padded_score_weights(weight, index, scales)
         out = context.new_output(n).view(n, batch, c, -1)
-        for samples, pixels in pixel_blocks(batch, source.shape[3], (2 * n + scales) * c, stack.device):
-            channels = sample_major(source[:, samples, :, pixels])  # [b, L*C, p]
+        by_sample = context.channels_by_sample(stack)  # [B, L*C, P]
+        for samples, pixels in pixel_blocks(batch, source.shape[3], 2 * n * c, stack.device):
+            channels = by_sample[samples, :, pixels]  # [b, L*C, p]
             attention = _attention(padded, bias, channels)  # [b, n, k, p]
             members = channels.view(channels.shape[0], scales, c, -1)
             fused = attention[:, :, 0].unsqueeze(2) * members.index_select(1, index[:, 0])  # [b, n, C, p]
@@ -153,9 +153,9 @@ class StackAttentionSum(torch.autograd.Function):
         padded = _padded_score_weights(weight, index, scales)
         grad_padded = torch.zeros_like(padded)  # [n*k, L*C]; only the members' blocks are kept
         grad_bias = torch.zeros_like(bias)
-        per_pixel = (k + 3) * n * c + 2 * scales * c
-        for samples, pixels in pixel_blocks(batch, source.shape[3], per_pixel, stack.device):
-            channels = sample_major(source[:, samples, :, pixels])  # [b, L*C, p]
+        by_sample = ctx.stack_context.channels_by_sample(stack)  # [B, L*C, P]
+        for samples, pixels in pixel_blocks(batch, source.shape[3], (k + 3) * n * c + scales * c, stack.device):
+            channels = by_sample[samples, :, pixels]  # [b, L*C, p]
             attention = _attention(padded, bias, channels)  # [b, n, k, p]
             members = channels.view(channels.shape[0], scales, c, -1)
             gathered = [members.index_select(1, index[:, j]) for j in range(k)]  # k x [b, n, C, p]

@@ -107,8 +107,9 @@ class ConcatConv(torch.autograd.Function):
 class StackConcatConv(torch.autograd.Function):
     """``(stack [L,B,C,*S], weight [n*C, L*C], bias [n, C], context) -> [n, B, C, *S]``.
 
-    Per block of pixels (see :func:`~fusionsearch.operator_api.pixel_blocks`), the stack block is
-    laid out per sample as ``[L*C, pixels]`` and multiplied by the zero-padded weight. Backward:
+    Per block of pixels (see :func:`~fusionsearch.operator_api.pixel_blocks`), the stack laid out
+    per sample as ``[L*C, pixels]`` (once per call, by the context) is multiplied by the zero-padded
+    weight. Backward:
     ``d_weight = sum G_b @ S_b^T`` and ``d_stack_b = weight^T @ G_b`` (added into the shared stack
     gradient buffer); ``d_bias`` is the sum of G over samples and pixels.
     """
@@ -119,8 +120,9 @@ class StackConcatConv(torch.autograd.Function):
         scales, batch = stack.shape[:2]
         source = stack.view(scales, batch, c, -1)
         out = context.new_output(n).view(n, batch, c, -1)
-        for samples, pixels in pixel_blocks(batch, source.shape[3], (n + scales) * c, stack.device):
-            fused = matmul_per_sample(weight, sample_major(source[:, samples, :, pixels]))
+        by_sample = context.channels_by_sample(stack)  # [B, L*C, P]
+        for samples, pixels in pixel_blocks(batch, source.shape[3], n * c, stack.device):
+            fused = matmul_per_sample(weight, by_sample[samples, :, pixels])
             fused = fused.view(fused.shape[0], n, c, -1).add_(bias.view(1, n, c, 1))
             out[:, samples, :, pixels] = fused.transpose(0, 1)
         ctx.save_for_backward(stack, weight)
@@ -138,8 +140,9 @@ class StackConcatConv(torch.autograd.Function):
         accumulator = ctx.stack_context.gradient_buffer().view(source.shape) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight)
         grad_bias = upstream.sum(dim=(1, 3))
-        for samples, pixels in pixel_blocks(batch, source.shape[3], 2 * (n + scales) * c, stack.device):
-            channels = sample_major(source[:, samples, :, pixels])  # [b, L*C, p]
+        by_sample = ctx.stack_context.channels_by_sample(stack)  # [B, L*C, P]
+        for samples, pixels in pixel_blocks(batch, source.shape[3], (n + scales) * c, stack.device):
+            channels = by_sample[samples, :, pixels]  # [b, L*C, p]
             g = sample_major(upstream[:, samples, :, pixels])  # [b, n*C, p]
             grad_weight += torch.bmm(g, channels.transpose(1, 2)).sum(0)
             if accumulator is not None:

@@ -1,0 +1,51 @@
+"""Keep freed memory in the process (glibc): fewer page faults on the CPU, at the price of peak RSS.
+
+PyTorch's CPU tensors come from ``malloc``. glibc serves large blocks (above a threshold that
+adapts up to 32 MiB) with fresh ``mmap`` mappings and unmaps them on ``free``, and it returns the
+top of its heap to the kernel once more than a (likewise adaptive) amount is free there. A CPU
+training step allocates and frees many tensors of tens of megabytes, so the kernel ends up
+zero-filling and page-faulting the same amount of memory again and again; on a 224x224 criterion
+step that costs about as much as the arithmetic, and it varies from run to run with the history
+of the heap.
+
+:func:`keep_freed_memory` tells glibc to serve every block from its heap and never to trim it:
+freed memory is reused by the next allocation instead of being faulted in afresh.
+
+Trade-off: the process keeps its peak memory for its whole life (freed blocks stay resident and
+are reused, never returned to the operating system), and fragmentation makes that peak higher:
+PyTorch asks for 64-byte aligned blocks, which glibc can place in a freed block of the same size
+only after it has coalesced with a neighbour, so the heap grows for the first few steps (a few
+times the largest tensor) before it settles. Use it in a training process or a benchmark, not in
+a long-lived process that must give memory back. It changes nothing on GPUs (PyTorch's caching
+allocator already keeps memory), and it is a no-op without glibc (macOS, Windows, musl).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameters from glibc's <malloc.h>
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep and reuse freed memory (no mmap for large blocks, no heap trimming).
+
+    Call it once, early (before large tensors exist). Returns True if glibc accepted the settings,
+    False where there is no glibc (nothing is changed then). It affects the whole process and
+    cannot be undone for memory already kept.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it; musl's mallopt is a stub)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    # -1 disables trimming completely (documented in mallopt(3)); 0 mappings: every block from the heap
+    return mallopt(_M_TRIM_THRESHOLD, -1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
