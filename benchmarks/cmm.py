@@ -102,8 +102,11 @@ def _naive_mixer(terms, num_classes: int):
     sizes = sorted({len(t.scales) for t in terms if not t.is_original})
     awf_scores = nn.ModuleDict({str(k): nn.ModuleList(nn.Conv2d(num_classes, 1, 1) for _ in range(k)) for k in sizes})
     concat_convs = nn.ModuleDict(
-        {t.name.replace(",", "_"): nn.Conv2d(len(t.scales) * num_classes, num_classes, 1)
-         for t in terms if t.operator == "concat"}
+        {
+            t.name.replace(",", "_"): nn.Conv2d(len(t.scales) * num_classes, num_classes, 1)
+            for t in terms
+            if t.operator == "concat"
+        }
     )
 
     def mix(term, logits):

@@ -67,7 +67,8 @@ class Mixer(nn.Module):
         self._originals_are_stack = graph.originals == self.used_scales
         originals = [position[s] for s in graph.originals]
         self.register_buffer("original_index", torch.tensor(originals, dtype=torch.long), persistent=False)
-        # Groups with the same subsets (every operator, for a given size) share one gather.
+        # Groups with the same subsets (every operator, for a given size) share one subset index matrix
+        # (and, for operators without a stack path, one gather of the members).
         gathers: dict[tuple[tuple[int, ...], ...], int] = {}
         self._gather_of_group = [gathers.setdefault(group.subsets, len(gathers)) for group in graph.groups]
         for subsets, i in gathers.items():

@@ -25,10 +25,10 @@ subset. An operator may also offer ``mix_stack(stack, index, context)``: it fuse
 straight from the stack of scales ``[L, B, C, *S]`` given the subset index matrix ``[n, k]``
 (positions in the stack), takes its output memory from the :class:`StackContext` ``context`` and,
 in its backward, adds its share of d(loss)/d(stack) into the context's gradient buffer instead of
-returning a full-size gradient of its own. The
-mixer uses it when the class that defines ``forward`` also defines ``mix_stack`` (so a subclass
-that overrides ``forward`` falls back to the plain interface); stateless functions attach one with
-:func:`stack_path`. Third-party operators need none of this.
+returning a full-size gradient of its own. The mixer uses it when the class that defines
+``forward`` also defines ``mix_stack`` (so a subclass that overrides ``forward`` falls back to the
+plain interface); stateless functions attach one with :func:`stack_path`. Third-party operators
+need none of this.
 """
 
 from __future__ import annotations
@@ -194,10 +194,11 @@ def build_operator(
 
 # -- stack paths ----------------------------------------------------------------------------------
 
-# On CPUs the stack paths walk the pixels in blocks whose temporaries hold about this many elements:
-# small enough to stay in cache and to be recycled by malloc (big buffers are returned to the
-# kernel when freed and page-faulted in afresh on the next use, which costs as much as the
-# arithmetic), large enough that the Python loop costs nothing. GPUs take everything in one block.
+# On CPUs the stack paths walk the pixels in blocks whose temporaries hold about this many elements
+# in all (4 MiB of float32; measured best among 2^18..2^24 on the lomix benchmark): small enough to
+# stay in cache and to be recycled by malloc (big buffers are returned to the kernel when freed and
+# page-faulted in afresh on the next use), large enough that the Python loop costs little. GPUs
+# take everything in one block.
 CPU_BLOCK_ELEMENTS = 1 << 20
 
 
@@ -262,7 +263,7 @@ class StackContext:
         return self._outputs[:numel].view(shape)
 
     def channels_by_sample(self, stack: Tensor) -> Tensor:
-        """The stack laid out per sample, ``[B, L*C, pixels]``: one contiguous matrix per sample.
+        """This call's ``stack`` laid out per sample, ``[B, L*C, pixels]``: one matrix per sample.
 
         Made once per call and shared by the stack paths that contract over (scale, class), whose
         blocks are then views of it (a matrix with row stride ``pixels`` is a valid GEMM operand).
@@ -291,7 +292,7 @@ class StackContext:
 def pixel_blocks(batch: int, pixels: int, per_pixel: int, device: torch.device) -> list[tuple[slice, slice]]:
     """``(samples, pixels)`` slices covering ``[batch, pixels]`` for a stack path's blocked loop.
 
-    ``per_pixel`` is the number of elements the largest temporary holds per (sample, pixel). On
+    ``per_pixel`` is the number of elements the loop's temporaries hold per (sample, pixel). On
     GPUs there is one block (everything at once); on CPUs blocks hold about ``CPU_BLOCK_ELEMENTS``.
     """
     if device.type != "cpu":

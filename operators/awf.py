@@ -60,9 +60,7 @@ class AttentionWeightedFusion(FusionOperator):
     def mix_stack(self, stack: Tensor, index: Tensor, context: StackContext) -> Tensor:
         """All subsets straight from the stack ``[L, B, C, *S]`` (see ``operator_api``)."""
         n = index.shape[0]
-        return StackAttentionSum.apply(
-            stack, index, self.weight.expand(n, -1, -1), self.bias.expand(n, -1), context
-        )
+        return StackAttentionSum.apply(stack, index, self.weight.expand(n, -1, -1), self.bias.expand(n, -1), context)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", share={self.share!r}"

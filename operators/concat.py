@@ -57,8 +57,7 @@ class Concat(FusionOperator):
 
     def mix_stack(self, stack: Tensor, index: Tensor, context: StackContext) -> Tensor:
         """All subsets straight from the stack ``[L, B, C, *S]`` (see ``operator_api``)."""
-        n, k = index.shape
-        c = self.num_classes
+        n, c = index.shape[0], self.num_classes
         weight = self.weight.expand(n, -1, -1, -1)  # [n, C_out, k, C_in]; a view when shared
         # padded[n, l] = weight[n, :, j, :] where l = index[n, j]; zero for scales outside subset n
         rows = torch.arange(n, device=index.device).unsqueeze(1)
