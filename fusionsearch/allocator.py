@@ -4,9 +4,9 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves large blocks (above a t
 adapts up to 32 MiB) with fresh ``mmap`` mappings and unmaps them on ``free``, and it returns the
 top of its heap to the kernel once more than a (likewise adaptive) amount is free there. A CPU
 training step allocates and frees many tensors of tens of megabytes, so the kernel ends up
-zero-filling and page-faulting the same amount of memory again and again; on a 224x224 criterion
-step that costs about as much as the arithmetic, and it varies from run to run with the history
-of the heap.
+zero-filling and page-faulting the same amount of memory again and again: a quarter to a half of
+the time of the benchmark's 224x224 criterion step (benchmarks/cmm.py), varying from run to run
+with the history of the heap.
 
 :func:`keep_freed_memory` tells glibc to serve every block from its heap and never to trim it:
 freed memory is reused by the next allocation instead of being faulted in afresh.
