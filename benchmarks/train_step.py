@@ -22,6 +22,7 @@ import time
 import torch
 
 import fusionsearch as fs
+from fusionsearch.allocator import keep_freed_memory
 from fusionsearch.recipe import OptimConfig
 from fusionsearch.train import build_optimizer
 
@@ -73,6 +74,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # the trainer does the same on CPU (see fusionsearch.allocator); every setup gets it alike
+    allocator = keep_freed_memory() if device.type == "cpu" else False
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch, 1, args.size, args.size, generator=generator).to(device)
     labels = torch.randint(0, args.classes, (args.batch, args.size, args.size), generator=generator).to(device)
@@ -88,7 +91,8 @@ def main() -> None:
 
     print(
         f"{args.model} ({args.encoder}), B={args.batch}, {args.size}x{args.size}, C={args.classes}, "
-        f"{device}, {torch.get_num_threads()} threads, median of {args.repeats} steps after {args.warmup} warm-up"
+        f"{device}, {torch.get_num_threads()} threads, keep_freed_memory={allocator}, "
+        f"median of {args.repeats} steps after {args.warmup} warm-up"
     )
     base = statistics.median(setups[0].times)
     base_min = min(setups[0].times)

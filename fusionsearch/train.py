@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from fusionsearch.allocator import keep_freed_memory
 from fusionsearch.atomic import atomic_path
 from fusionsearch.checkpoint import (
     BEST,
@@ -366,6 +367,9 @@ class Trainer:
         """Train to the recipe's length (continuing from ``last.pt`` when ``resume``)."""
         from torch.utils.tensorboard import SummaryWriter
 
+        if self.device.type == "cpu":
+            # reuse freed CPU memory instead of page-faulting it afresh every step (fusionsearch.allocator)
+            keep_freed_memory()
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         last_path = self.checkpoint_dir / LAST
         best_path = self.checkpoint_dir / BEST
