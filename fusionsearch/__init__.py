@@ -7,9 +7,18 @@ only the parts in use pay for torch, Ray or MONAI.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+# operators/, search_spaces/ and recipes/ sit at the top of the repository and are installed as
+# fusionsearch.operators, .search_spaces and .recipes. A process that imports this package from a
+# source checkout instead of the installed copy (a subprocess or Ray worker started in the
+# repository root, `python -m` there) must find them too: let the package search the checkout.
+_checkout = Path(__file__).resolve().parent.parent
+if not (Path(__file__).resolve().parent / "operators").is_dir() and (_checkout / "operators" / "__init__.py").is_file():
+    __path__.append(str(_checkout))  # noqa: F821  (__path__ is set for packages)
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
