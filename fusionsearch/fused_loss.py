@@ -2,7 +2,7 @@
 
 Plain autograd keeps several full-size ``[K,B,C,N]`` intermediates alive for the backward pass
 (log-softmax, softmax, squares, products). This ``torch.autograd.Function`` keeps exactly one,
-the softmax ``p``, and computes the gradient in closed form:
+the softmax ``p`` (plus ``p`` at the target class, a C-th of it), and computes the gradient in closed form:
 
 - Cross entropy (mean over the B*N pixels): ``dCE/dz = (p - onehot) / (B*N)``.
 - Dice: with ``num = 2*I + eps`` and ``den = P + T + eps`` per Dice bin (``I`` = sum of p*t, ``P`` =
@@ -11,6 +11,8 @@ the softmax ``p``, and computes the gradient in closed form:
   ``dD/dp = -w * (2*t/den - num * dP/dp / den^2)`` with ``w`` = 1 / number of bins, then the
   softmax Jacobian-vector product ``dz = p * (g - sum_c p*g)``.
 
+The softmax is torch's one-pass kernel; the logsumexp the cross entropy needs comes from it for
+the price of two max-reductions (``p`` at the largest logit is ``1 / sum_c exp(z_c - max z)``).
 The one-hot target is never built: its contributions enter through a gather of ``p`` at the target
 class and a scatter-add into the gradient. By default the backward writes the gradient into the
 softmax buffer itself, so the loss needs one full-size buffer in all (the price: one backward per
@@ -82,21 +84,20 @@ class FusedTermLoss(torch.autograd.Function):
             k, b, c, n = z.shape
             per_sample = dice_kind == "monai"
             at_target = t.view(1, b, 1, n).expand(k, b, 1, n)
-            peak = z.amax(dim=2, keepdim=True)
-            p = (z - peak).exp_()
-            normaliser = p.sum(dim=2, keepdim=True)
-            p.div_(normaliser)
-            log_normaliser = normaliser.log_().add_(peak)  # logsumexp over the classes, [K,B,1,N]
-            ce = (log_normaliser - z.gather(2, at_target)).mean(dim=(1, 2, 3))
+            p = torch.softmax(z, dim=2)
+            # logsumexp over the classes [K,B,1,N] without a pass of its own: p at the largest logit
+            # is 1 / sum_c exp(z_c - max z), never below 1/C, so its log is exact to rounding
+            log_normaliser = z.amax(dim=2, keepdim=True).sub_(p.amax(dim=2, keepdim=True).log_())
+            z_target = z.gather(2, at_target)
+            ce = (log_normaliser - z_target).mean(dim=(1, 2, 3))
+            p_target = z_target.sub_(log_normaliser).exp_()  # p at the target class, [K,B,1,N], saved too
             # per (term, sample, class) sums; the one-hot target enters only through the class index
-            intersect = z.new_zeros(k, b, c).scatter_add_(
-                2, at_target.view(k, b, n), p.gather(2, at_target).view(k, b, n)
-            )
+            intersect = z.new_zeros(k, b, c).scatter_add_(2, at_target.view(k, b, n), p_target.view(k, b, n))
             pred = p.sum(dim=3) if per_sample else torch.linalg.vector_norm(p, dim=3).square()
             numerator, denominator = dice_from_bins(intersect, pred, sample_class_counts(t, c, z.dtype), per_sample)
             dice = 1 - (numerator / denominator).mean(dim=1)
 
-        ctx.save_for_backward(p, t, numerator, denominator)
+        ctx.save_for_backward(p, p_target, t, numerator, denominator)
         ctx.beta, ctx.gamma, ctx.per_sample = beta, gamma, per_sample
         ctx.reuse_buffer, ctx.consumed = reuse_buffer, False
         ctx.logits_shape = logits.shape
@@ -112,7 +113,7 @@ class FusedTermLoss(torch.autograd.Function):
                 "(retain_graph=True), set 'loss.fused: false' in the search space."
             )
         ctx.consumed = True
-        p, t, numerator, denominator = ctx.saved_tensors
+        p, p_target, t, numerator, denominator = ctx.saved_tensors
         with torch.autocast(device_type=p.device.type, enabled=False):
             k, b, c, n = p.shape
             per_sample = ctx.per_sample
@@ -129,6 +130,9 @@ class FusedTermLoss(torch.autograd.Function):
                 dense, target_coef = (2 * dense).unsqueeze(1).expand(k, b, c), target_coef.unsqueeze(1).expand(k, b, c)
 
             at_target = t.view(1, b, 1, n)
+            # p * target_coef at the target class of every pixel, [K,B,1,N] (a ninth of p)
+            coef_at_target = target_coef.contiguous().gather(2, t.view(1, b, n).expand(k, b, n))
+            p_target_coefs = p_target * coef_at_target.view(k, b, 1, n)
             grad = p if ctx.reuse_buffer else torch.empty_like(p)
             chunks = _term_chunks(k)
             workspace = torch.empty_like(p[chunks[0]])  # reused by every chunk
@@ -138,8 +142,7 @@ class FusedTermLoss(torch.autograd.Function):
                 work = workspace[:kc]
                 index = at_target.expand(kc, b, 1, n)
                 dense_chunk, ce_chunk = dense[terms], ce_scale[terms]
-                coef_at_target = target_coef[terms].unsqueeze(3).expand(kc, b, c, n).gather(2, index)
-                p_target_coef = p_chunk.gather(2, index) * coef_at_target
+                p_target_coef = p_target_coefs[terms]
                 # grad = p * (g_p - sum_c p * g_p) + (beta / (B*N)) * (p - onehot)
                 if per_sample:
                     dot = torch.matmul(dense_chunk.unsqueeze(2), p_chunk) + p_target_coef
