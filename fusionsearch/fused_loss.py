@@ -151,7 +151,7 @@ class FusedTermLoss(torch.autograd.Function):
                 else:
                     torch.square(p_chunk, out=work)
                     dot = torch.matmul(dense_chunk.unsqueeze(2), work) + p_target_coef
-                    torch.mul(p_chunk, ce_chunk - dot, out=grad_chunk).add_(work.mul_(dense_chunk.unsqueeze(3)))
+                    torch.mul(p_chunk, ce_chunk - dot, out=grad_chunk).addcmul_(work, dense_chunk.unsqueeze(3))
                 grad_chunk.scatter_add_(2, index, p_target_coef - ce_chunk)
         return grad.view(ctx.logits_shape), None, None, None, None, None
 
