@@ -71,8 +71,11 @@ class Mixer(nn.Module):
         # (and, for operators without a stack path, one gather of the members).
         gathers: dict[tuple[tuple[int, ...], ...], int] = {}
         self._gather_of_group = [gathers.setdefault(group.subsets, len(gathers)) for group in graph.groups]
+        self._rows_of_gather: list[tuple[tuple[int, ...], ...]] = []  # the index matrices as Python ints
         for subsets, i in gathers.items():
-            index = torch.tensor([[position[s] for s in subset] for subset in subsets], dtype=torch.long)
+            rows = tuple(tuple(position[s] for s in subset) for subset in subsets)
+            self._rows_of_gather.append(rows)
+            index = torch.tensor(rows, dtype=torch.long)
             self.register_buffer(f"gather_index_{i}", index.reshape(-1), persistent=False)
 
     def forward(self, logits: Sequence[Tensor]) -> Tensor:
@@ -97,7 +100,9 @@ class Mixer(nn.Module):
         ):
             index = getattr(self, f"gather_index_{gather}")
             if has_stack_path(operator):
-                yield operator.mix_stack(stacked, index.view(group.n_subsets, group.size), context)
+                matrix = index.view(group.n_subsets, group.size)
+                context.bind_rows(matrix, self._rows_of_gather[gather])
+                yield operator.mix_stack(stacked, matrix, context)
                 continue
             if gather not in gathered:
                 members = stacked.index_select(0, index)

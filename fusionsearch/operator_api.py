@@ -23,7 +23,8 @@ training starts.
 **Stack paths (optional, used by the built-ins).** Gathering ``x`` copies every member of every
 subset. An operator may also offer ``mix_stack(stack, index, context)``: it fuses the subsets
 straight from the stack of scales ``[L, B, C, *S]`` given the subset index matrix ``[n, k]``
-(positions in the stack), takes its output memory from the :class:`StackContext` ``context`` and,
+(positions in the stack; :meth:`StackContext.rows` gives them as Python ints without a device
+read, for loops over subsets), takes its output memory from the :class:`StackContext` ``context`` and,
 in its backward, adds its share of d(loss)/d(stack) into the context's gradient buffer instead of
 returning a full-size gradient of its own. The mixer uses it when the class that defines
 ``forward`` also defines ``mix_stack`` (so a subclass that overrides ``forward`` falls back to the
@@ -36,7 +37,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,6 +252,21 @@ class StackContext:
         self._by_sample: Tensor | None = None
         self._grad: Tensor | None = None
         self._task = -1
+        self._rows: tuple[Tensor, tuple[tuple[int, ...], ...]] | None = None
+
+    def bind_rows(self, index: Tensor, rows: Sequence[Sequence[int]]) -> None:
+        """Tell the next stack path that ``index`` (the very tensor it will get) holds ``rows``."""
+        self._rows = (index, tuple(tuple(row) for row in rows))
+
+    def rows(self, index: Tensor) -> tuple[tuple[int, ...], ...]:
+        """The subset index matrix as Python ints, for stack paths that loop over subsets and members.
+
+        The mixer binds them from the compiled graph before each call (:meth:`bind_rows`), so nothing
+        is read back from the device; for any other ``index`` they are read from it (a host sync on GPUs).
+        """
+        if self._rows is not None and self._rows[0] is index:
+            return self._rows[1]
+        return tuple(tuple(row) for row in index.tolist())
 
     def new_output(self, n: int) -> Tensor:
         """Uninitialised memory for ``n`` terms shaped like one scale, ``[n, B, C, *S]``."""

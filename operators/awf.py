@@ -8,27 +8,25 @@ by the member's position in the subset); ``share: subset`` gives every subset it
 The fusion is one autograd Function with a closed-form backward: plain autograd would keep and
 allocate several [n, k, B, C, S] intermediates, the analytic gradient needs one.
 
-Stack path: the score convolutions are zero-padded to ``[n*k, L*C]`` (row (n, j) reads only the
-scale of member j), so all scores of a block of pixels are one matrix product with the stack
-block laid out per sample; the weighted sum and the backward then work on small per-block copies
-of the members, and the softmax is recomputed in the backward instead of being stored.
+Stack path: with shared convolutions, subsets that put the same scale at the same member position
+share a score map, so a block of pixels needs at most k*L maps (not n*k), one small matrix
+product per scale. The weighted sum and the backward then loop over the subsets' members with
+views of the stack block (no member is copied), writing straight into the output and the shared
+stack gradient; the softmax is recomputed in the backward instead of being stored.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from fusionsearch.operator_api import (
-    FusionOperator,
-    StackContext,
-    matmul_per_sample,
-    pixel_blocks,
-)
+from fusionsearch.operator_api import FusionOperator, StackContext, pixel_blocks
 from fusionsearch.registry import register_operator
 
 
@@ -59,8 +57,7 @@ class AttentionWeightedFusion(FusionOperator):
 
     def mix_stack(self, stack: Tensor, index: Tensor, context: StackContext) -> Tensor:
         """All subsets straight from the stack ``[L, B, C, *S]`` (see ``operator_api``)."""
-        n = index.shape[0]
-        return StackAttentionSum.apply(stack, index, self.weight.expand(n, -1, -1), self.bias.expand(n, -1), context)
+        return StackAttentionSum.apply(stack, index, self.weight, self.bias, context)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", share={self.share!r}"
@@ -108,12 +105,15 @@ class AttentionWeightedSum(torch.autograd.Function):
 
 
 class StackAttentionSum(torch.autograd.Function):
-    """``(stack [L,B,C,*S], index [n,k], weight [n,k,C], bias [n,k], context) -> [n,B,C,*S]``.
+    """``(stack [L,B,C,*S], index [n,k], weight [g,k,C], bias [g,k], context) -> [n,B,C,*S]``, g = n or 1.
 
     The same fusion as :class:`AttentionWeightedSum`, read straight from the stack block by block
-    (see :func:`~fusionsearch.operator_api.pixel_blocks`). Backward per block, with the scores
-    recomputed: ``r_j = sum_c G x_j``, ``ds_j = a_j (r_j - sum_i a_i r_i)``; ``a_j G + ds_j w_j`` is
-    added into the shared stack gradient at member j's scale, ``d_weight_j = sum ds_j x_j`` and
+    (see :func:`~fusionsearch.operator_api.pixel_blocks`). The scores need one map per distinct
+    (score convolution, scale) pair (:class:`_ScorePlan`), a small matrix product per scale; the
+    weighted sum and the backward then loop over the subsets' members with views of the stack
+    block, so no member is ever copied. Backward per block, with the scores recomputed:
+    ``r_j = sum_c G x_j``, ``ds_j = a_j (r_j - sum_i a_i r_i)``; ``a_j G + ds_j w_j`` is added into
+    the shared stack gradient at member j's scale, ``d_weight_j = sum ds_j x_j`` and
     ``d_bias_j = sum ds_j``.
     """
 
@@ -121,71 +121,114 @@ class StackAttentionSum(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, stack: Tensor, index: Tensor, weight: Tensor, bias: Tensor, context: StackContext
     ) -> Tensor:
-        n, k, c = weight.shape
+        rows = context.rows(index)
+        n, c = len(rows), weight.shape[2]
         scales, batch = stack.shape[:2]
-        source = stack.view(scales, batch, c, -1)
-        padded = _padded_score_weights(weight, index, scales)
+        plan = _score_plan(rows, weight.shape[0], scales, stack.device)
+        map_weights = weight.reshape(-1, c).index_select(0, plan.weight_row)  # [P, C]
         out = context.new_output(n).view(n, batch, c, -1)
         by_sample = context.channels_by_sample(stack)  # [B, L*C, P]
-        for samples, pixels in pixel_blocks(batch, source.shape[3], 2 * n * c, stack.device):
-            channels = by_sample[samples, :, pixels]  # [b, L*C, p]
-            attention = _attention(padded, bias, channels)  # [b, n, k, p]
-            members = channels.view(channels.shape[0], scales, c, -1)
-            fused = attention[:, :, 0].unsqueeze(2) * members.index_select(1, index[:, 0])  # [b, n, C, p]
-            for j in range(1, k):  # members, not subsets
-                fused.addcmul_(attention[:, :, j].unsqueeze(2), members.index_select(1, index[:, j]))
-            out[:, samples, :, pixels] = fused.transpose(0, 1)
-        ctx.save_for_backward(stack, index, weight, bias)
-        ctx.stack_context = context
+        for samples, pixels in pixel_blocks(batch, out.shape[3], 2 * n * c, stack.device):
+            members = by_sample[samples, :, pixels].unflatten(1, (scales, c))  # [b, L, C, p]
+            attention = _attention(plan, map_weights, bias, members)  # [b, n, k, p]
+            fused = out[:, samples, :, pixels]
+            for s, row in enumerate(rows):
+                torch.mul(attention[:, s, 0].unsqueeze(1), members[:, row[0]], out=fused[s])
+                for j in range(1, len(row)):  # members, not subsets
+                    fused[s].addcmul_(attention[:, s, j].unsqueeze(1), members[:, row[j]])
+        ctx.save_for_backward(stack, weight, bias)
+        ctx.stack_context, ctx.rows = context, rows
         return out.view(n, *stack.shape[1:])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[None, None, Tensor, Tensor, None]:
-        stack, index, weight, bias = ctx.saved_tensors
-        n, k, c = weight.shape
-        scales, batch = stack.shape[:2]
-        source = stack.view(scales, batch, c, -1)
+        stack, weight, bias = ctx.saved_tensors
+        rows = ctx.rows
+        copies, k, c = weight.shape
+        n, (scales, batch) = len(rows), stack.shape[:2]
+        plan = _score_plan(rows, copies, scales, stack.device)
+        map_weights = weight.reshape(-1, c).index_select(0, plan.weight_row)  # [P, C]
         upstream = grad.reshape(n, batch, c, -1)
-        accumulator = ctx.stack_context.gradient_buffer().view(source.shape) if ctx.needs_input_grad[0] else None
-        padded = _padded_score_weights(weight, index, scales)
-        grad_padded = torch.zeros_like(padded)  # [n*k, L*C]; only the members' blocks are kept
-        grad_bias = torch.zeros_like(bias)
+        accumulator = None
+        if ctx.needs_input_grad[0]:
+            accumulator = ctx.stack_context.gradient_buffer().view(scales, batch, c, -1)
+        grad_map_weights = torch.zeros_like(map_weights)
+        grad_bias = bias.new_zeros(n, k)
         by_sample = ctx.stack_context.channels_by_sample(stack)  # [B, L*C, P]
-        for samples, pixels in pixel_blocks(batch, source.shape[3], (k + 3) * n * c + scales * c, stack.device):
-            channels = by_sample[samples, :, pixels]  # [b, L*C, p]
-            attention = _attention(padded, bias, channels)  # [b, n, k, p]
-            members = channels.view(channels.shape[0], scales, c, -1)
-            gathered = [members.index_select(1, index[:, j]) for j in range(k)]  # k x [b, n, C, p]
-            g = upstream[:, samples, :, pixels].transpose(0, 1)  # [b, n, C, p]
-            r = torch.stack([(g * x).sum(dim=2) for x in gathered], dim=2)  # [b, n, k, p]
-            d_scores = (attention * (r - (attention * r).sum(dim=2, keepdim=True))).view(r.shape[0], n * k, -1)
-            grad_bias += d_scores.sum(dim=(0, 2)).view(n, k)
-            grad_padded += torch.bmm(d_scores, channels.transpose(1, 2)).sum(0)
-            if accumulator is None:
+        per_pixel = 4 * n * k + len(plan.weight_row) + scales * c
+        for samples, pixels in pixel_blocks(batch, upstream.shape[3], per_pixel, stack.device):
+            members = by_sample[samples, :, pixels].unflatten(1, (scales, c))  # [b, L, C, p]
+            attention = _attention(plan, map_weights, bias, members)  # [b, n, k, p]
+            g = upstream[:, samples, :, pixels]  # [n, b, C, p]
+            r = torch.empty_like(attention)
+            for s, row in enumerate(rows):
+                for j, scale in enumerate(row):
+                    torch.linalg.vecdot(g[s], members[:, scale], dim=1, out=r[:, s, j])
+            d_scores = r.sub_((attention * r).sum(dim=2, keepdim=True)).mul_(attention)
+            grad_bias += d_scores.sum(dim=(0, 3))
+            d_maps = d_scores.new_zeros(d_scores.shape[0], len(plan.weight_row), d_scores.shape[3])
+            d_maps.index_add_(1, plan.member_map, d_scores.flatten(1, 2))  # [b, P, p]
+            block_gradient = None if accumulator is None else accumulator[:, samples, :, pixels]  # [L, b, C, p]
+            for scale, maps in plan.maps_of_scale:
+                d_map = d_maps[:, maps]  # [b, m, p]
+                grad_map_weights[maps] += torch.matmul(d_map, members[:, scale].transpose(1, 2)).sum(0)
+                if block_gradient is not None:  # the scores' share
+                    block_gradient[scale].baddbmm_(map_weights[maps].t().expand(d_map.shape[0], -1, -1), d_map)
+            if block_gradient is None:
                 continue
-            local = matmul_per_sample(padded.t(), d_scores).view(members.shape)  # the scores' share, [b, L, C, p]
-            for j in range(k):
-                local.index_add_(1, index[:, j], attention[:, :, j].unsqueeze(2) * g)
-            accumulator[:, samples, :, pixels] += local.transpose(0, 1)
-        rows = torch.arange(n, device=index.device).unsqueeze(1)
-        columns = torch.arange(k, device=index.device).unsqueeze(0)
-        grad_weight = grad_padded.view(n, k, scales, c)[rows, columns, index]
-        return None, None, grad_weight, grad_bias, None
+            for s, row in enumerate(rows):  # the weighted sum's share
+                for j, scale in enumerate(row):
+                    block_gradient[scale].addcmul_(attention[:, s, j].unsqueeze(1), g[s])
+        grad_weight = torch.zeros_like(weight).view(-1, c).index_add_(0, plan.weight_row, grad_map_weights)
+        if copies == 1:
+            grad_bias = grad_bias.sum(0, keepdim=True)
+        return None, None, grad_weight.view_as(weight), grad_bias, None
 
 
-def _padded_score_weights(weight: Tensor, index: Tensor, num_scales: int) -> Tensor:
-    """``[n*k, L*C]``: row (n, j) holds ``weight[n, j]`` in the block of scale ``index[n, j]``, zeros elsewhere."""
-    n, k, c = weight.shape
-    padded = weight.new_zeros(n, k, num_scales, c)
-    rows = torch.arange(n, device=index.device).unsqueeze(1)
-    columns = torch.arange(k, device=index.device).unsqueeze(0)
-    padded[rows, columns, index] = weight
-    return padded.view(n * k, num_scales * c)
+@dataclass(frozen=True)
+class _ScorePlan:
+    """The distinct score maps of a group: one per (score convolution, scale) pair, P in all.
+
+    With shared convolutions several subsets score the same scale with the same convolution (member
+    position j), so P is at most k*L instead of n*k. Maps are numbered scale by scale.
+    """
+
+    weight_row: Tensor
+    """[P]: row of ``weight.view(-1, C)`` (copy * k + position) that map i applies."""
+    member_map: Tensor
+    """[n*k]: the map that scores member j of subset s, at s*k + j."""
+    maps_of_scale: tuple[tuple[int, slice], ...]
+    """(scale, maps that read it) for every scale the group uses."""
 
 
-def _attention(padded: Tensor, bias: Tensor, channels: Tensor) -> Tensor:
-    """Softmax over the members of the scores ``padded @ channels + bias``: ``[b, n, k, p]``."""
-    n, k = bias.shape
-    scores = matmul_per_sample(padded, channels).view(channels.shape[0], n, k, -1)
-    return scores.add_(bias.view(1, n, k, 1)).softmax(dim=2)
+@functools.lru_cache(maxsize=256)
+def _score_plan(rows: tuple[tuple[int, ...], ...], copies: int, num_scales: int, device: torch.device) -> _ScorePlan:
+    """The :class:`_ScorePlan` of subsets ``rows`` (positions in the stack) with ``copies`` convolution sets."""
+    k = len(rows[0])
+    member_keys = [
+        (scale, (s if copies > 1 else 0) * k + j) for s, row in enumerate(rows) for j, scale in enumerate(row)
+    ]
+    keys = sorted(set(member_keys))  # by scale, then weight row
+    number = {key: i for i, key in enumerate(keys)}
+    maps_of_scale = []
+    for scale in range(num_scales):
+        maps = [i for i, key in enumerate(keys) if key[0] == scale]
+        if maps:
+            maps_of_scale.append((scale, slice(maps[0], maps[-1] + 1)))
+    return _ScorePlan(
+        weight_row=torch.tensor([row for _, row in keys], dtype=torch.long, device=device),
+        member_map=torch.tensor([number[key] for key in member_keys], dtype=torch.long, device=device),
+        maps_of_scale=tuple(maps_of_scale),
+    )
+
+
+def _attention(plan: _ScorePlan, map_weights: Tensor, bias: Tensor, members: Tensor) -> Tensor:
+    """Softmax over the members of the scores ``w_j . x_l + b_j`` of a stack block [b, L, C, p]: [b, n, k, p]."""
+    b, p = members.shape[0], members.shape[3]
+    maps = members.new_empty(b, len(plan.weight_row), p)
+    for scale, chosen in plan.maps_of_scale:
+        maps[:, chosen] = torch.matmul(map_weights[chosen], members[:, scale])
+    k = bias.shape[1]
+    scores = maps.index_select(1, plan.member_map).view(b, -1, k, p)
+    return scores.add_(bias.view(1, -1, k, 1)).softmax(dim=2)

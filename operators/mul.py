@@ -56,60 +56,56 @@ def product_from_stack(stack: Tensor, index: Tensor, context: StackContext) -> T
 class StackProduct(torch.autograd.Function):
     """``(stack [L, B, C, *S], index [n, k], context) -> [n, B, C, *S]``: the product of each subset.
 
-    Works block by block over the pixels (see :func:`~fusionsearch.operator_api.pixel_blocks`):
-    each block gathers its members (small, cache-resident copies), multiplies them in member
-    order and writes the block of the output. The backward regathers them and adds
-    ``G * prod_{i<j} x_i * prod_{i>j} x_j`` (prefix and suffix products, no division) for every
-    member j into the shared stack gradient.
+    Works block by block over the pixels (see :func:`~fusionsearch.operator_api.pixel_blocks`),
+    subset by subset, on views of the stack block: the product is written straight into the
+    output, and the backward adds ``G * prod_{i<j} x_i * prod_{i>j} x_i`` (prefix and suffix
+    products, no division) for every member j straight into the shared stack gradient. No member
+    is ever copied.
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, stack: Tensor, index: Tensor, context: StackContext) -> Tensor:
-        n, k = index.shape
-        scales, batch, classes = stack.shape[:3]
+        rows = context.rows(index)
+        n, (scales, batch, classes) = len(rows), stack.shape[:3]
         source = stack.view(scales, batch, classes, -1)
         out = context.new_output(n).view(n, batch, classes, -1)
         for samples, pixels in pixel_blocks(batch, source.shape[3], n * classes, stack.device):
-            block = source[:, samples, :, pixels]
-            product = block.index_select(0, index[:, 0])
-            for j in range(1, k):  # members, not subsets
-                product.mul_(block.index_select(0, index[:, j]))
-            out[:, samples, :, pixels] = product
-        ctx.save_for_backward(stack, index)
-        ctx.stack_context = context
+            block, product = source[:, samples, :, pixels], out[:, samples, :, pixels]
+            for s, row in enumerate(rows):
+                torch.mul(block[row[0]], block[row[1]], out=product[s])  # subsets have at least two members
+                for scale in row[2:]:
+                    product[s].mul_(block[scale])
+        ctx.save_for_backward(stack)
+        ctx.stack_context, ctx.rows = context, rows
         return out.view(n, *stack.shape[1:])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[None, None, None]:
-        stack, index = ctx.saved_tensors
+        (stack,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        n, k = index.shape
-        scales, batch, classes = stack.shape[:3]
+        rows = ctx.rows
+        n, (scales, batch, classes) = len(rows), stack.shape[:3]
         source = stack.view(scales, batch, classes, -1)
         upstream = grad.reshape(n, batch, classes, -1)
         accumulator = ctx.stack_context.gradient_buffer().view(source.shape)
-        for samples, pixels in pixel_blocks(batch, source.shape[3], 2 * k * n * classes, stack.device):
-            block = source[:, samples, :, pixels]
-            members = [block.index_select(0, index[:, j]) for j in range(k)]
-            suffix: list[Tensor | None] = [None] * k  # suffix[j] = x_{j+1} * ... * x_{k-1}
-            running = None
-            for j in range(k - 1, 0, -1):
-                running = members[j] if running is None else running * members[j]
-                suffix[j - 1] = running
-            g = upstream[:, samples, :, pixels]
-            local = torch.zeros_like(block, memory_format=torch.contiguous_format)  # index_add_ is fast on these
-            prefix = None  # x_0 * ... * x_{j-1}
-            for j in range(k):
-                factors = [f for f in (prefix, suffix[j]) if f is not None]
-                term = g * factors[0]
-                for factor in factors[1:]:
-                    term.mul_(factor)
-                local.index_add_(0, index[:, j], term)
-                if j < k - 1:
-                    prefix = members[j] if prefix is None else prefix * members[j]
-            accumulator[:, samples, :, pixels] += local
+        for samples, pixels in pixel_blocks(batch, source.shape[3], n * classes, stack.device):
+            block, g = source[:, samples, :, pixels], upstream[:, samples, :, pixels]
+            gradient = accumulator[:, samples, :, pixels]
+            for s, row in enumerate(rows):
+                members = [block[scale] for scale in row]
+                suffix: list[Tensor | None] = [None] * len(row)  # suffix[j] = x_{j+1} * ... * x_{k-1}
+                for j in range(len(row) - 2, -1, -1):
+                    suffix[j] = members[j + 1] if suffix[j + 1] is None else suffix[j + 1] * members[j + 1]
+                prefix = g[s]  # G * x_0 * ... * x_{j-1}
+                for j, scale in enumerate(row):
+                    if suffix[j] is None:
+                        gradient[scale].add_(prefix)
+                    else:
+                        gradient[scale].addcmul_(prefix, suffix[j])
+                    if j < len(row) - 1:
+                        prefix = prefix * members[j]
         return None, None, None
 
 

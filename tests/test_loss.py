@@ -121,9 +121,9 @@ def test_buffer_reusing_backward_equals_the_separate_buffer_one(dice_kind, k):
 
 @pytest.mark.parametrize("dice_kind", ["reference", "monai"])
 @pytest.mark.parametrize("reuse_buffer", [True, False])
-@pytest.mark.parametrize("chunks", [1, 2, 3, 5, 100])  # K=5: whole, uneven (3+2), uneven (2+2+1), per term, more
-def test_backward_chunking_gives_the_same_gradients(monkeypatch, dice_kind, reuse_buffer, chunks):
-    monkeypatch.setattr(fused_loss, "_CHUNKS", chunks)
+@pytest.mark.parametrize("terms_per_chunk", [1, 2, 3, 5, 100])  # K=5: per term, 2+2+1, uneven 3+2, whole, more
+def test_chunking_gives_the_same_values_and_gradients(monkeypatch, dice_kind, reuse_buffer, terms_per_chunk):
+    monkeypatch.setattr(fused_loss, "_CPU_TERMS_PER_CHUNK", terms_per_chunk)
     logits, target = random_case((5, 3, 3, 4, 5), seed=23)
     got, got_grad = values_and_grads(
         lambda z, t: fused_term_loss(z, t, 0.3, 0.7, dice_kind, reuse_buffer=reuse_buffer), logits, target
@@ -132,6 +132,16 @@ def test_backward_chunking_gives_the_same_gradients(monkeypatch, dice_kind, reus
     want, want_grad = values_and_grads(lambda z, t: reference(z, t, 0.3, 0.7), logits, target)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("device", "k", "sizes"),
+    [("cpu", 5, [1] * 5), ("cuda", 5, [1] * 5), ("cuda", 19, [3, 3, 3, 3, 3, 3, 1]), ("cuda", 48, [6] * 8)],
+)
+def test_terms_are_chunked_per_term_on_cpu_and_in_about_eight_chunks_elsewhere(device, k, sizes):
+    chunks = fused_loss._term_chunks(k, torch.device(device))
+    assert [len(range(k)[chunk]) for chunk in chunks] == sizes
+    assert [i for chunk in chunks for i in range(k)[chunk]] == list(range(k))
 
 
 def test_second_backward_through_the_fused_loss_is_a_clear_error():
