@@ -19,12 +19,16 @@ import argparse
 import statistics
 import time
 
-import torch
+from fusionsearch.allocator import keep_freed_memory, use_huge_pages
 
-import fusionsearch as fs
-from fusionsearch.allocator import keep_freed_memory
-from fusionsearch.recipe import OptimConfig
-from fusionsearch.train import build_optimizer
+# as the fusionsearch command does, before torch is imported (THP_MEM_ALLOC_ENABLE=0 to compare without)
+HUGE_PAGES = use_huge_pages()
+
+import torch  # noqa: E402
+
+import fusionsearch as fs  # noqa: E402
+from fusionsearch.recipe import OptimConfig  # noqa: E402
+from fusionsearch.train import build_optimizer  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--classes", type=int, default=9)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per space")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per space first")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps per space first (the heap grows then)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--spaces", nargs="+", default=["last_layer", "deep_supervision", "lomix"])
@@ -91,7 +95,7 @@ def main() -> None:
 
     print(
         f"{args.model} ({args.encoder}), B={args.batch}, {args.size}x{args.size}, C={args.classes}, "
-        f"{device}, {torch.get_num_threads()} threads, keep_freed_memory={allocator}, "
+        f"{device}, {torch.get_num_threads()} threads, keep_freed_memory={allocator}, huge_pages={HUGE_PAGES}, "
         f"median of {args.repeats} steps after {args.warmup} warm-up"
     )
     base = statistics.median(setups[0].times)

@@ -1,4 +1,4 @@
-"""Keep freed memory in the process (glibc): fewer page faults on the CPU, at the price of peak RSS.
+"""CPU memory settings of a training process: fewer page faults, at the price of peak RSS.
 
 PyTorch's CPU tensors come from ``malloc``. glibc serves large blocks (above a threshold that
 adapts up to 32 MiB) with fresh ``mmap`` mappings and unmaps them on ``free``, and it returns the
@@ -18,11 +18,21 @@ only after it has coalesced with a neighbour, so the heap grows for the first fe
 times the largest tensor) before it settles. Use it in a training process or a benchmark, not in
 a long-lived process that must give memory back. It changes nothing on GPUs (PyTorch's caching
 allocator already keeps memory), and it is a no-op without glibc (macOS, Windows, musl).
+
+:func:`use_huge_pages` asks PyTorch to back CPU tensors of 2 MiB and more with transparent huge
+pages (``THP_MEM_ALLOC_ENABLE``): memory is then faulted in 2 MiB at a time instead of 4 KiB,
+and big elementwise passes miss the TLB less. On the benchmark's pvt_emcad step it makes every
+step a few per cent faster and removes most of the page faults of the first steps (the heap still
+grows then, see above). PyTorch reads the setting once, at its first CPU allocation, so it must
+be made before ``import torch``; the ``fusionsearch`` command does it first thing. It needs Linux
+with transparent huge pages in ``madvise`` or ``always`` mode (elsewhere it changes nothing), and
+each large tensor is aligned to 2 MiB (the slack before it goes back to the heap).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 # mallopt parameters from glibc's <malloc.h>
@@ -49,3 +59,23 @@ def keep_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     # -1 disables trimming completely (documented in mallopt(3)); 0 mappings: every block from the heap
     return mallopt(_M_TRIM_THRESHOLD, -1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
+
+
+HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+
+
+def use_huge_pages() -> bool:
+    """Back large CPU tensors with transparent huge pages (Linux); call before ``import torch``.
+
+    Returns True when the setting is in effect for this process: set now, before torch was
+    imported, or already set to 1 by the user. An explicit ``THP_MEM_ALLOC_ENABLE=0`` is respected,
+    and nothing is changed off Linux. Child processes inherit the setting.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if HUGE_PAGES_VARIABLE in os.environ:
+        return os.environ[HUGE_PAGES_VARIABLE] == "1"
+    if "torch" in sys.modules:  # PyTorch may have read the variable already
+        return False
+    os.environ[HUGE_PAGES_VARIABLE] = "1"
+    return True

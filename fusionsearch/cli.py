@@ -13,6 +13,7 @@ import os
 import sys
 import textwrap
 
+from fusionsearch.allocator import use_huge_pages
 from fusionsearch.errors import FusionSearchError
 
 # name -> module; the order is the order shown in --help
@@ -60,6 +61,7 @@ def _print_error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_huge_pages()  # before anything imports torch (see fusionsearch.allocator)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
