@@ -4,8 +4,10 @@ One step = forward, criterion (mixing + per-term losses + weighting), backward a
 update over model + criterion parameters: exactly what ``fusionsearch.train`` does per batch.
 The spaces are timed round-robin (one step of each in turn, after warm-up), so background load on a
 shared machine hits them alike. The table shows wall time (median and fastest step), process CPU
-time per step, and each as a ratio to last-layer-only; with ``--threads 1`` the CPU time is the
-least sensitive to other load on the machine.
+time per step, each as a ratio to last-layer-only, and the median of the ratios within a round
+('paired'); with ``--threads 1`` the CPU time is the least sensitive to other load on the machine.
+The process uses the CPU memory settings of the ``fusionsearch`` command (keep freed memory, huge
+pages: see ``fusionsearch.allocator``); the first steps grow the heap, hence the warm-up.
 
     python benchmarks/train_step.py                       # B=6, 224x224, CPU, pvt_v2_b2
     python benchmarks/train_step.py --batch 2 --size 128 --encoder pvt_v2_b0 --repeats 3
@@ -38,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=6)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--classes", type=int, default=9)
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per space")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps (rounds) per space")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps per space first (the heap grows then)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")
@@ -103,15 +105,20 @@ def main() -> None:
     base_cpu = statistics.median(setups[0].cpu)
     print(
         f"{'space':<18} {'K':>3} {'wall med':>9} {'wall min':>9} {'cpu med':>8} "
-        f"{'ratio (med)':>12} {'ratio (min)':>12} {'ratio (cpu)':>12}"
+        f"{'ratio (med)':>12} {'ratio (min)':>12} {'ratio (cpu)':>12} {'paired':>8}"
     )
     for setup in setups:
         median, fastest, cpu = statistics.median(setup.times), min(setup.times), statistics.median(setup.cpu)
+        # each round times every space back to back: its own ratio cancels slow drifts of the machine
+        paired = statistics.median(mine / first for mine, first in zip(setup.times, setups[0].times, strict=True))
         print(
             f"{setup.space:<18} {setup.terms:>3} {median:>9.3f} {fastest:>9.3f} {cpu:>8.3f} "
-            f"{median / base:>11.2f}x {fastest / base_min:>11.2f}x {cpu / base_cpu:>11.2f}x"
+            f"{median / base:>11.2f}x {fastest / base_min:>11.2f}x {cpu / base_cpu:>11.2f}x {paired:>7.2f}x"
         )
-    print(f"ratios are to {setups[0].space}; on a shared machine trust 'min' and, with --threads 1, 'cpu'")
+    print(
+        f"ratios are to {setups[0].space}; 'paired' is the median over rounds of the ratio within a round. "
+        f"On a shared machine trust 'paired' and 'min' and, with --threads 1, 'cpu'"
+    )
 
 
 if __name__ == "__main__":

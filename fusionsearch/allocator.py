@@ -39,6 +39,8 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
+_memory_kept = False  # set by keep_freed_memory(); the setting is process-wide and cannot be undone
+
 
 def keep_freed_memory() -> bool:
     """Make glibc keep and reuse freed memory (no mmap for large blocks, no heap trimming).
@@ -58,7 +60,14 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # -1 disables trimming completely (documented in mallopt(3)); 0 mappings: every block from the heap
-    return mallopt(_M_TRIM_THRESHOLD, -1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
+    global _memory_kept
+    _memory_kept = _memory_kept or (mallopt(_M_TRIM_THRESHOLD, -1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1)
+    return _memory_kept
+
+
+def memory_is_kept() -> bool:
+    """True once :func:`keep_freed_memory` has taken effect in this process (large temporaries are then cheap)."""
+    return _memory_kept
 
 
 HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"

@@ -67,6 +67,12 @@ def dice_from_bins(intersect: Tensor, pred: Tensor, counts: Tensor, per_sample: 
     return 2 * intersect.sum(1) + SMOOTH, pred.sum(1) + counts.sum(0) + SMOOTH
 
 
+def _flat_target_index(target: Tensor, num_classes: int) -> Tensor:
+    """``[1, B, N]``: where each pixel's target class sits in its sample's logits flattened to ``C*N``."""
+    n = target.shape[1]
+    return (target * n + torch.arange(n, device=target.device)).unsqueeze(0)
+
+
 def _term_chunks(k: int, device: torch.device) -> list[slice]:
     """Contiguous slices covering the K terms: one term each on the CPU, about ``_CHUNKS`` elsewhere."""
     step = _CPU_TERMS_PER_CHUNK if device.type == "cpu" else -(-k // _CHUNKS)
@@ -85,7 +91,8 @@ class FusedTermLoss(torch.autograd.Function):
             k, b, c, n = z.shape
             per_sample = dice_kind == "monai"
             at_target = t.view(1, b, 1, n).expand(k, b, 1, n)
-            p = torch.empty_like(z)
+            flat_target = _flat_target_index(t, c)  # [1, B, N]: gathers along one dimension are faster
+            p = torch.empty(z.shape, dtype=z.dtype, device=z.device)
             log_normaliser = z.new_empty(k, b, 1, n)
             z_target = z.new_empty(k, b, 1, n)
             pred = z.new_empty(k, b, c)
@@ -96,7 +103,10 @@ class FusedTermLoss(torch.autograd.Function):
                 # 1 / sum_c exp(z_c - max z), never below 1/C, so its log is exact to rounding
                 torch.amax(z_chunk, dim=2, keepdim=True, out=norm_chunk)
                 norm_chunk.sub_(p_chunk.amax(dim=2, keepdim=True).log_())
-                torch.gather(z_chunk, 2, at_target[terms], out=z_target[terms])
+                kc = z_chunk.shape[0]
+                torch.gather(
+                    z_chunk.reshape(kc, b, c * n), 2, flat_target.expand(kc, b, n), out=z_target[terms].view(kc, b, n)
+                )
                 if per_sample:
                     torch.sum(p_chunk, dim=3, out=pred[terms])
                 else:
@@ -139,7 +149,7 @@ class FusedTermLoss(torch.autograd.Function):
             else:
                 dense, target_coef = (2 * dense).unsqueeze(1).expand(k, b, c), target_coef.unsqueeze(1).expand(k, b, c)
 
-            at_target = t.view(1, b, 1, n)
+            flat_target = _flat_target_index(t, c)
             # p * target_coef at the target class of every pixel, [K,B,1,N] (a ninth of p)
             coef_at_target = target_coef.contiguous().gather(2, t.view(1, b, n).expand(k, b, n))
             p_target_coefs = p_target * coef_at_target.view(k, b, 1, n)
@@ -150,7 +160,6 @@ class FusedTermLoss(torch.autograd.Function):
                 p_chunk, grad_chunk = p[terms], grad[terms]
                 kc = p_chunk.shape[0]
                 work = workspace[:kc]
-                index = at_target.expand(kc, b, 1, n)
                 dense_chunk, ce_chunk = dense[terms], ce_scale[terms]
                 p_target_coef = p_target_coefs[terms]
                 # grad = p * (g_p - sum_c p * g_p) + (beta / (B*N)) * (p - onehot)
@@ -162,7 +171,9 @@ class FusedTermLoss(torch.autograd.Function):
                     torch.square(p_chunk, out=work)
                     dot = torch.matmul(dense_chunk.unsqueeze(2), work) + p_target_coef
                     torch.mul(p_chunk, ce_chunk - dot, out=grad_chunk).addcmul_(work, dense_chunk.unsqueeze(3))
-                grad_chunk.scatter_add_(2, index, p_target_coef - ce_chunk)
+                grad_chunk.view(kc, b, c * n).scatter_add_(
+                    2, flat_target.expand(kc, b, n), (p_target_coef - ce_chunk).view(kc, b, n)
+                )
         return grad.view(ctx.logits_shape), None, None, None, None, None
 
 

@@ -200,6 +200,7 @@ SHARING = {
 def test_stack_paths_in_blocks_match_naive_loop(block_elements, dims, sharing, monkeypatch):
     """The CPU stack paths walk the pixels in blocks; tiny blocks exercise every way of cutting them."""
     monkeypatch.setattr("fusionsearch.operator_api.CPU_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr("fusionsearch.operator_api.CPU_BLOCK_ELEMENTS_KEPT_MEMORY", block_elements)
     torch.manual_seed(block_elements + dims)
     space = SearchSpace.from_dict({"operators": ["add", "mul", "mean", *SHARING[sharing]]})
     _check_against_naive(Mixer(compile_space(space, 4, CLASSES, dims)).double(), random_logits(4, dims))

@@ -18,6 +18,7 @@ from fusionsearch.operator_api import (
     describe_operator,
     has_stack_path,
     parametric,
+    pixel_blocks,
     validate_options,
 )
 from fusionsearch.spec import SearchSpace
@@ -57,6 +58,7 @@ def test_analytic_backward_passes_gradcheck(function, copies):
 def test_stack_path_backward_passes_gradcheck(operator, block_elements, monkeypatch):
     """The stack paths' analytic backwards (stack gradient through the shared accumulator, parameters)."""
     monkeypatch.setattr("fusionsearch.operator_api.CPU_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr("fusionsearch.operator_api.CPU_BLOCK_ELEMENTS_KEPT_MEMORY", block_elements)
     torch.manual_seed(12)
     space = SearchSpace.from_dict({"operators": [operator], "include_originals": False})
     mixer = Mixer(compile_space(space, 3, 2, 2)).double()
@@ -187,3 +189,22 @@ def test_unknown_name_lists_known_and_closest():
 def test_builtins_are_listed():
     assert {"add", "mul", "concat", "awf", "mean", "max"} <= set(fs.list_operators())
     assert describe_operator("concat").parametric and not describe_operator("mul").parametric
+
+
+@pytest.mark.parametrize(
+    ("memory_kept", "blocks"),
+    [
+        (False, 30),  # 4 MiB blocks, 5 per sample: glibc recycles small temporaries, faults big ones in afresh
+        (True, 1),  # freed memory kept: one block, fewer and larger operations
+    ],
+)
+def test_cpu_block_size_follows_the_allocator(memory_kept, blocks, monkeypatch):
+    monkeypatch.setattr("fusionsearch.operator_api.memory_is_kept", lambda: memory_kept)
+    # B=6 samples of 224x224 pixels with 100 elements of temporaries per pixel
+    got = pixel_blocks(6, 224 * 224, 100, torch.device("cpu"))
+    assert len(got) == blocks
+    covered = torch.zeros(6, 224 * 224, dtype=torch.int64)
+    for samples, pixels in got:
+        covered[samples, pixels] += 1
+    assert bool((covered == 1).all())
+    assert pixel_blocks(6, 224 * 224, 100, torch.device("meta")) == [(slice(None), slice(None))]  # off the CPU
