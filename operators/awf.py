@@ -163,8 +163,10 @@ class StackAttentionSum(torch.autograd.Function):
             g = upstream[:, samples, :, pixels]  # [n, b, C, p]
             r = torch.empty_like(attention)
             for s, row in enumerate(rows):
-                for j, scale in enumerate(row):
-                    torch.linalg.vecdot(g[s], members[:, scale], dim=1, out=r[:, s, j])
+                for j, scale in enumerate(row):  # r[:, s, j] = sum_c G x_j, class by class: no temporaries
+                    torch.mul(g[s][:, 0], members[:, scale, 0], out=r[:, s, j])
+                    for channel in range(1, c):
+                        r[:, s, j].addcmul_(g[s][:, channel], members[:, scale, channel])
             d_scores = r.sub_((attention * r).sum(dim=2, keepdim=True)).mul_(attention)
             grad_bias += d_scores.sum(dim=(0, 3))
             d_maps = d_scores.new_zeros(d_scores.shape[0], len(plan.weight_row), d_scores.shape[3])

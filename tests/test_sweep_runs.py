@@ -248,7 +248,9 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tm
 
     def one_finished_and_the_next_checkpointed() -> bool:
         done = list(runs.glob("*/trial_done.json"))
-        if len(done) != 1 or len(list(tune_dir.glob("trial_*/checkpoint_*"))) < 2:
+        # both trials have a checkpoint (one trial alone briefly has two, its new and its old one)
+        checkpointed = {path.parent for path in tune_dir.glob("trial_*/checkpoint_*")}
+        if len(done) != 1 or len(checkpointed) < 2:
             return False
         # Ray saves its experiment state asynchronously: a kill loses what the saved state does not
         # know yet (an unfinished trial it never saw starts again), so kill once it knows both trials
