@@ -239,7 +239,8 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tmp_path):
+@pytest.mark.parametrize("state", ["intact", "cut_short"])
+def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tmp_path, state):
     recipe = write_recipe(tmp_path, epochs=EPOCHS)  # a margin between the kill and the end
     args = [str(recipe), "--data-root", str(data_root), "--num-samples", "2", "--max-concurrent", "1",
             "--grace-period", "10", "--storage", str(tmp_path), "--name", "killed", "--quiet"]
@@ -255,7 +256,10 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tm
         # Ray saves its experiment state asynchronously: a kill loses what the saved state does not
         # know yet (an unfinished trial it never saw starts again), so kill once it knows both trials
         saved = " ".join(p.read_text(errors="replace") for p in tune_dir.glob("experiment_state*.json"))
-        return all(run.name.removeprefix("trial_") in saved for run in runs.iterdir())
+        # and so does the snapshot a resume falls back on when the kill cuts the state short
+        snapshot = " ".join(p.read_text(errors="replace") for p in tune_dir.glob(".state_snapshots/*.json"))
+        return all(run.name.removeprefix("trial_") in saved and run.name.removeprefix("trial_") in snapshot
+                   for run in runs.iterdir())
 
     with log.open("w") as handle:
         driver = subprocess.Popen(sweep_command(*args), stdout=handle, stderr=subprocess.STDOUT,
@@ -268,9 +272,13 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tm
     interrupted = [d for d in runs.iterdir() if not (d / "trial_done.json").is_file()]
     assert len(finished) == 1 and len(interrupted) == 1
     stamp = (finished[0] / "trial_done.json").stat().st_mtime_ns
+    if state == "cut_short":  # as if the kill had come while Ray was rewriting its experiment state
+        for path in tune_dir.glob("experiment_state-*.json"):
+            path.write_text(path.read_text()[:25])
 
     resumed = run_to_end(sweep_command(*args, "--resume"), tmp_path / "resumed.log", timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert ("its last snapshot is back" in resumed.stdout) is (state == "cut_short")
     rows = read_rows(tmp_path / "killed" / "results.csv")
     assert len(rows) == 2 and {r["status"] for r in rows} == {COMPLETED}
     assert {r["epochs"] for r in rows} == {str(EPOCHS)}

@@ -18,6 +18,7 @@ from typing import Any
 from fusionsearch.errors import ConfigError
 from fusionsearch.sweeps.plan import SweepPlan
 from fusionsearch.sweeps.results import COMPLETED, FAILED, RUNNING, STOPPED, TrialRecord
+from fusionsearch.sweeps.state_snapshots import StateSnapshots, repair_states
 from fusionsearch.sweeps.trial import count_attempts, read_done, run_trial
 
 EXPERIMENT = "tune"
@@ -131,6 +132,23 @@ def _progress_callback(plan: SweepPlan, total: int) -> Any:
     return ProgressCallback()
 
 
+def _snapshot_callback(experiment_dir: Path) -> Any:
+    """A Ray Tune callback that keeps intact copies of the experiment state (see ``state_snapshots``)."""
+    from ray.tune import Callback
+
+    class SnapshotCallback(Callback):
+        def __init__(self) -> None:
+            self.snapshots = StateSnapshots(experiment_dir)
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            self.snapshots.update()
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.snapshots.update()
+
+    return SnapshotCallback()
+
+
 def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -175,6 +193,8 @@ def run_ray(
                 field="--resume",
                 fix="Start the sweep without --resume (or give the --name/--storage it was started with)",
             )
+        for name in repair_states(path):
+            print(f"Ray's experiment state {name} was cut short when the sweep stopped; its last snapshot is back")
         _restore_missing_checkpoints(plan)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=retry_failed)
     else:
@@ -212,7 +232,7 @@ def run_ray(
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=0,
-                callbacks=[_progress_callback(plan, num_samples)] if verbose else None,
+                callbacks=[_snapshot_callback(path)] + ([_progress_callback(plan, num_samples)] if verbose else []),
             ),
         )
     tuner.fit()
