@@ -67,7 +67,7 @@ def dice_from_bins(intersect: Tensor, pred: Tensor, counts: Tensor, per_sample: 
     return 2 * intersect.sum(1) + SMOOTH, pred.sum(1) + counts.sum(0) + SMOOTH
 
 
-def _flat_target_index(target: Tensor, num_classes: int) -> Tensor:
+def _flat_target_index(target: Tensor) -> Tensor:
     """``[1, B, N]``: where each pixel's target class sits in its sample's logits flattened to ``C*N``."""
     n = target.shape[1]
     return (target * n + torch.arange(n, device=target.device)).unsqueeze(0)
@@ -91,7 +91,7 @@ class FusedTermLoss(torch.autograd.Function):
             k, b, c, n = z.shape
             per_sample = dice_kind == "monai"
             at_target = t.view(1, b, 1, n).expand(k, b, 1, n)
-            flat_target = _flat_target_index(t, c)  # [1, B, N]: gathers along one dimension are faster
+            flat_target = _flat_target_index(t)  # [1, B, N]: gathers along one dimension are faster
             p = torch.empty(z.shape, dtype=z.dtype, device=z.device)
             log_normaliser = z.new_empty(k, b, 1, n)
             z_target = z.new_empty(k, b, 1, n)
@@ -149,7 +149,7 @@ class FusedTermLoss(torch.autograd.Function):
             else:
                 dense, target_coef = (2 * dense).unsqueeze(1).expand(k, b, c), target_coef.unsqueeze(1).expand(k, b, c)
 
-            flat_target = _flat_target_index(t, c)
+            flat_target = _flat_target_index(t)
             # p * target_coef at the target class of every pixel, [K,B,1,N] (a ninth of p)
             coef_at_target = target_coef.contiguous().gather(2, t.view(1, b, n).expand(k, b, n))
             p_target_coefs = p_target * coef_at_target.view(k, b, 1, n)

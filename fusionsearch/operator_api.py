@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,9 +259,9 @@ class StackContext:
         self._task = -1
         self._rows: tuple[Tensor, tuple[tuple[int, ...], ...]] | None = None
 
-    def bind_rows(self, index: Tensor, rows: Sequence[Sequence[int]]) -> None:
+    def bind_rows(self, index: Tensor, rows: tuple[tuple[int, ...], ...]) -> None:
         """Tell the next stack path that ``index`` (the very tensor it will get) holds ``rows``."""
-        self._rows = (index, tuple(tuple(row) for row in rows))
+        self._rows = (index, rows)
 
     def rows(self, index: Tensor) -> tuple[tuple[int, ...], ...]:
         """The subset index matrix as Python ints, for stack paths that loop over subsets and members.

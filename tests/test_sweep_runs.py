@@ -25,6 +25,7 @@ import pytest
 import fusionsearch as fs
 from fusionsearch.data.phantoms import make_synapse
 from fusionsearch.sweeps.results import COMPLETED, FAILED, RUNNING, STOPPED
+from fusionsearch.sweeps.state_snapshots import SNAPSHOT_DIR
 
 # the demo recipe made tiny; only the learning rate is searched unless a test says otherwise
 TINY = {
@@ -257,7 +258,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(data_root, tm
         # know yet (an unfinished trial it never saw starts again), so kill once it knows both trials
         saved = " ".join(p.read_text(errors="replace") for p in tune_dir.glob("experiment_state*.json"))
         # and so does the snapshot a resume falls back on when the kill cuts the state short
-        snapshot = " ".join(p.read_text(errors="replace") for p in tune_dir.glob(".state_snapshots/*.json"))
+        snapshot = " ".join(p.read_text(errors="replace") for p in tune_dir.glob(f"{SNAPSHOT_DIR}/*.json"))
         return all(run.name.removeprefix("trial_") in saved and run.name.removeprefix("trial_") in snapshot
                    for run in runs.iterdir())
 

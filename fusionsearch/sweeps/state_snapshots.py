@@ -22,12 +22,14 @@ SNAPSHOT_DIR = ".state_snapshots"
 STATE_PATTERN = "experiment_state-*.json"
 
 
-def _parses(path: Path) -> bool:
+def _complete(path: Path) -> bytes | None:
+    """The file's bytes if they are one complete JSON document, else None (missing, empty, cut off)."""
     try:
-        json.loads(path.read_bytes())
+        data = path.read_bytes()
+        json.loads(data)
     except (OSError, ValueError):  # ValueError covers JSONDecodeError and UnicodeDecodeError
-        return False
-    return True
+        return None
+    return data
 
 
 class StateSnapshots:
@@ -45,10 +47,13 @@ class StateSnapshots:
             except OSError:
                 continue
             stamp = (status.st_mtime_ns, status.st_size)
-            if self._taken.get(path.name) == stamp or not _parses(path):
-                continue  # unchanged, or caught in the middle of a write: try again next time
+            if self._taken.get(path.name) == stamp:
+                continue
+            data = _complete(path)
+            if data is None:
+                continue  # caught in the middle of a write: try again next time
             with atomic_path(self.experiment_dir / SNAPSHOT_DIR / path.name) as tmp:
-                tmp.write_bytes(path.read_bytes())
+                tmp.write_bytes(data)
             self._taken[path.name] = stamp
 
 
@@ -61,10 +66,10 @@ def repair_states(experiment_dir: Path) -> list[str]:
     experiment_dir = Path(experiment_dir)
     repaired = []
     for path in sorted(experiment_dir.glob(STATE_PATTERN)):
-        if _parses(path):
+        if _complete(path) is not None:
             continue
-        snapshot = experiment_dir / SNAPSHOT_DIR / path.name
-        if not _parses(snapshot):
+        snapshot = _complete(experiment_dir / SNAPSHOT_DIR / path.name)
+        if snapshot is None:
             raise ConfigError(
                 f"Ray's experiment state {path} is damaged (the sweep was stopped while Ray was writing it) "
                 f"and there is no intact snapshot of it to put back",
@@ -73,6 +78,6 @@ def repair_states(experiment_dir: Path) -> list[str]:
                 "runs/ folder",
             )
         with atomic_path(path) as tmp:
-            tmp.write_bytes(snapshot.read_bytes())
+            tmp.write_bytes(snapshot)
         repaired.append(path.name)
     return repaired
